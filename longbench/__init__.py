@@ -1,0 +1,17 @@
+"""LongBench harness: LongBench v1, LongBench-E and LongBench v2 with any kvpress cache policy.
+
+Modules, one job each:
+
+* ``tasks``    -- the task table, loaded from the JSON files in ``config/`` (tasks are data)
+* ``data``     -- records from the Hugging Face hub, a folder of official jsonl files, or the bundled sample
+* ``prompts``  -- official prompt templates, middle truncation in tokens, chat-template rules
+* ``generate`` -- one greedy generation per sample with a fresh cache, plus cache statistics
+* ``metrics``  -- the official metric functions (quirks included)
+* ``scoring``  -- post-processing, task scores, LongBench-E buckets, v2 accuracy, averages
+* ``runner``   -- resumable, sharded prediction loop writing append-only JSONL
+* ``report``   -- result.json, markdown and CSV tables
+* ``plot``     -- score-vs-budget and KV-bytes-vs-score figures
+
+The exact protocol (prompts, truncation, generation lengths, metrics, aggregation) is the one of the
+official THUDM/LongBench code; see ``docs/longbench.md`` of the project for the specification.
+"""

@@ -1,0 +1,65 @@
+"""Sharding across processes started by ``torchrun`` (or any launcher setting RANK and WORLD_SIZE).
+
+Each rank takes every ``world``-th sample and writes its own prediction file; ranks meet at barriers
+(a ``gloo`` process group, which works on CPU and GPU machines alike) so that rank 0 can merge the
+files and score once everyone is done.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+BARRIER_TIMEOUT = timedelta(days=7)  # ranks may finish hours apart on long tasks
+
+
+@dataclass
+class Shard:
+    """This process's place in the run: ``rank`` of ``world`` processes, ``local_rank`` on its host."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    _group: bool = False
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """Read RANK / WORLD_SIZE / LOCAL_RANK; join a gloo group when there is more than one process."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"bad RANK={rank} / WORLD_SIZE={world} in the environment")
+        shard = cls(rank, world, local)
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                if "MASTER_ADDR" not in os.environ:
+                    raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun "
+                                       "(torchrun --nproc-per-node N -m kvpress.longbench ...)")
+                dist.init_process_group("gloo", rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
+                shard._group = True
+        return shard
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def take(self, items: list) -> list:
+        """This rank's share: every ``world``-th item starting at ``rank``."""
+        return items[self.rank::self.world]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._group = False

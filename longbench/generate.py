@@ -1,0 +1,103 @@
+"""One greedy generation per sample, with a fresh cache, as the official ``pred.py`` runs it.
+
+Batch size 1, ``do_sample=False``, ``num_beams=1``, the task's ``max_new_tokens``; the model's EOS
+stops every task, SAMSum also stops at the newline token and may not stop on its first token
+(``min_length = prompt + 1``). Only the new tokens are decoded (special tokens skipped, no stripping).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SEED = 42
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Per-task generation limits and stop rules."""
+
+    max_new_tokens: int
+    stop_at_newline: bool = False
+    min_new_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the cache held at the end of the sample: mean slots per (layer, KV head), tokens seen per
+    layer, bytes of keys and values (plus slot metadata for a PrunedCache)."""
+
+    slots_kept: float
+    tokens_seen: float
+    bytes: int
+
+
+def cache_stats(cache) -> CacheStats | None:
+    """Statistics from ``cache.report()`` (PrunedCache) or from the tensors of a transformers cache."""
+    if cache is None:
+        return None
+    if hasattr(cache, "report"):
+        rep = cache.report()
+        layers = list(rep.layers)
+        if not layers:
+            return None
+        kept = sum(row.kept for row in layers) / len(layers)
+        seen = sum(row.seen for row in layers) / len(layers)
+        return CacheStats(float(kept), float(seen), int(rep.total_bytes))
+    layers = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "keys", None) is not None]
+    if not layers:
+        return None
+    slots = [layer.keys.shape[-2] for layer in layers]
+    nbytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    mean = sum(slots) / len(slots)
+    return CacheStats(float(mean), float(mean), int(nbytes))
+
+
+def stop_token_ids(model, tokenizer, stop_at_newline: bool) -> list[int] | None:
+    """EOS ids of the generation config, plus the newline id (last id of ``encode("\\n")``) if asked."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if stop_at_newline:
+        ids.append(tokenizer.encode("\n", add_special_tokens=False)[-1])
+    return ids or None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A decoded prediction with its token count, wall time and cache statistics."""
+
+    text: str
+    new_tokens: int
+    seconds: float
+    cache: CacheStats | None
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, input_ids: list[int], settings: GenerationSettings,
+             make_cache: Callable[[], object] | None = None) -> Generation:
+    """Greedy-decode one prompt with a fresh cache from ``make_cache`` (None: transformers' default)."""
+    torch.manual_seed(SEED)
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    cache = make_cache() if make_cache is not None else None
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens, do_sample=False,
+        num_beams=1, eos_token_id=stop_token_ids(model, tokenizer, settings.stop_at_newline),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        temperature=None, top_p=None, top_k=None,
+    )
+    if settings.min_new_tokens:
+        kwargs["min_new_tokens"] = settings.min_new_tokens
+    if cache is not None:
+        kwargs["cache"] = cache
+    start = time.perf_counter()
+    out = model.generate(ids, **kwargs)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return Generation(text, len(new), seconds, cache_stats(cache))

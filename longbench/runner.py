@@ -1,0 +1,199 @@
+"""The generic prediction loop: for each task, each sample of this rank's share not yet predicted,
+build the official prompt, generate with a fresh cache and append the prediction to the run folder.
+
+The runner knows nothing task-specific: prompts, lengths and metrics come from the ``Task`` data. It
+is driven by :class:`RunSettings` (everything that defines the protocol, stored in ``run.json`` and
+compared on rerun) and a ``make_cache`` factory (a fresh cache per sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import prompts
+from .data import DataSource
+from .distributed import Shard
+from .generate import GenerationSettings, generate
+from .metrics import CODE_SIM_BACKEND
+from .scoring import extract_v2_answer, score_sample
+from .store import PredictionWriter, RunStore
+from .tasks import Config
+
+V2_MAX_NEW_TOKENS = 128
+V2_COT_MAX_NEW_TOKENS = 1024
+
+
+@dataclass
+class RunSettings:
+    """Everything that defines a run's protocol; two runs with equal settings are interchangeable."""
+
+    model: str
+    policy: str = "full"
+    policy_resolved: str = "full"
+    tasks: list[str] = field(default_factory=list)
+    max_length: int | None = None
+    chat_template: str = "official"
+    data: str = "sample"
+    limit: int | None = None
+    min_new_tokens_all: bool = False   # SnapKV/PyramidKV protocol: min_length = prompt + 1 everywhere
+    v2_template: str = "0shot"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    decoding: str = "greedy"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the packages that can change predictions or scores."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("kvprune", "torch", "transformers", "rouge", "jieba", "fuzzywuzzy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_header(settings: RunSettings, tokenizer, extra: dict | None = None) -> dict:
+    """The content of ``run.json``: the configuration (compared on rerun) and descriptive metadata."""
+    meta = {
+        "chat_template_hash": prompts.template_hash(tokenizer),
+        "metric_backend_code_sim": CODE_SIM_BACKEND,
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "compression": "question-aware: the whole prompt is prefilled, then the policy evicts",
+    }
+    meta.update(extra or {})
+    return {"config": settings.as_dict(), "metadata": meta}
+
+
+class Predictor:
+    """Turns one record into one prediction record for a configuration."""
+
+    def __init__(self, model, tokenizer, settings: RunSettings, make_cache: Callable[[], object] | None):
+        self.model, self.tokenizer, self.settings, self.make_cache = model, tokenizer, settings, make_cache
+
+    def _run(self, prompt: str, task, max_new_tokens: int, stop_at_newline: bool = False):
+        encoded = prompts.encode(self.tokenizer, prompt, task=task, max_length=self.settings.max_length,
+                                 chat_template=self.settings.chat_template)
+        # the official code sets min_length = prompt + 1 for the newline-stopped task (SAMSum)
+        min_new = 1 if (stop_at_newline or self.settings.min_new_tokens_all) else 0
+        gen = generate(self.model, self.tokenizer, encoded.input_ids,
+                       GenerationSettings(max_new_tokens, stop_at_newline, min_new), self.make_cache)
+        return encoded, gen
+
+    @staticmethod
+    def _diagnostics(encoded, gen) -> dict:
+        return {
+            "prompt_tokens": encoded.raw_tokens, "truncated_tokens": encoded.truncated_tokens,
+            "truncated": encoded.truncated, "input_tokens": len(encoded.input_ids),
+            "templated": encoded.templated, "new_tokens": gen.new_tokens, "seconds": round(gen.seconds, 4),
+            "kv_slots_kept": gen.cache.slots_kept if gen.cache else None,
+            "kv_tokens_seen": gen.cache.tokens_seen if gen.cache else None,
+            "kv_bytes": gen.cache.bytes if gen.cache else None,
+        }
+
+    def predict(self, config: Config, record: dict) -> dict:
+        if config.is_v2:
+            return self._predict_v2(record)
+        task = config.task
+        encoded, gen = self._run(prompts.build_prompt(task, record), task, task.max_new_tokens,
+                                 task.stop_at_newline)
+        out = {"_id": record["_id"], "pred": gen.text, "answers": record["answers"],
+               "all_classes": record.get("all_classes"), "length": record["length"]}
+        out.update(self._diagnostics(encoded, gen))
+        return out
+
+    def _predict_v2(self, record: dict) -> dict:
+        template = self.settings.v2_template
+        extra = {}
+        if template == "0shot_cot":
+            encoded, first = self._run(prompts.build_v2_prompt(record, "0shot_cot"), None, V2_COT_MAX_NEW_TOKENS)
+            extra["cot"] = first.text
+            encoded, gen = self._run(prompts.build_v2_prompt(record, "0shot_cot_ans", cot=first.text), None,
+                                     V2_MAX_NEW_TOKENS)
+        else:
+            encoded, gen = self._run(prompts.build_v2_prompt(record, template), None, V2_MAX_NEW_TOKENS)
+        out = {"_id": record["_id"], "pred": gen.text, "answer": record["answer"],
+               "judge": extract_v2_answer(gen.text), "difficulty": record["difficulty"],
+               "length": record["length"], "domain": record.get("domain"),
+               "sub_domain": record.get("sub_domain"), **extra}
+        out.update(self._diagnostics(encoded, gen))
+        return out
+
+
+def running_score(config: Config, record: dict) -> float:
+    """Score of one prediction record (0..1), for the progress bar."""
+    if config.is_v2:
+        return float(record.get("judge") == record["answer"])
+    return score_sample(config.task, record["pred"], record["answers"], record.get("all_classes")).score
+
+
+def _progress(total: int, initial: int, desc: str, position: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="sample", position=position,
+                disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def predict_task(predictor: Predictor, config: Config, records: list[dict], store: RunStore,
+                 shard: Shard, progress: bool = True, stop_after: int | None = None) -> int:
+    """Predict this rank's unfinished share of ``records``; returns the number of new predictions.
+    ``stop_after`` ends the loop after that many new samples (used to test interrupted runs)."""
+    mine = shard.take(records)
+    done = store.done_ids(config.name)
+    todo = [r for r in mine if r["_id"] not in done]
+    finished = [r for r in store.load(config.name) if r["_id"] in {m["_id"] for m in mine}]
+    scores = [running_score(config, r) for r in finished]
+    desc = config.name if shard.world == 1 else f"{config.name} [rank {shard.rank}]"
+    written = 0
+    with _progress(len(mine), len(mine) - len(todo), desc, shard.rank, progress) as bar, \
+            PredictionWriter(store.shard_path(config.name, shard.rank, shard.world)) as writer:
+        for record in todo:
+            if stop_after is not None and written >= stop_after:
+                break
+            result = predictor.predict(config, record)
+            writer.write(result)
+            written += 1
+            scores.append(running_score(config, result))
+            bar.set_postfix(score=f"{100 * sum(scores) / len(scores):.2f}")
+            bar.update(1)
+    return written
+
+
+def run(settings: RunSettings, configs: list[Config], source: DataSource, model, tokenizer,
+        make_cache: Callable[[], object] | None, out_dir, shard: Shard | None = None,
+        progress: bool = True, header_extra: dict | None = None, stop_after: int | None = None) -> bool:
+    """Run every configuration into ``out_dir``; rank 0 merges the shards. Returns True on rank 0 when
+    the run is complete (every sample of every task predicted)."""
+    shard = shard or Shard()
+    store = RunStore(out_dir)
+    header = build_header(settings, tokenizer, header_extra)
+    exists = store.check_header(header["config"])  # every rank refuses a mismatching folder
+    if shard.is_main and not exists:
+        store.write_header(header)
+    shard.barrier()
+    predictor = Predictor(model, tokenizer, settings, make_cache)
+    orders = {}
+    for config in configs:
+        records = source.load(config)
+        if settings.limit is not None:
+            records = records[: settings.limit]
+        orders[config.name] = [r["_id"] for r in records]
+        predict_task(predictor, config, records, store, shard, progress, stop_after)
+    shard.barrier()
+    if not shard.is_main:
+        return False
+    complete = True
+    for config in configs:
+        merged = store.merge(config.name, orders[config.name])
+        complete &= {r["_id"] for r in merged} >= set(orders[config.name])
+    return complete
