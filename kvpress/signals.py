@@ -46,7 +46,19 @@ def grouped_attention(
     Returns `output [B, q, Hq, Dv]` (query dtype, the layout transformers' attention functions
     return) and `mass [B, Hkv, S]` fp32: `sum_g sum_i weights[i] * softmax(q_i k^T)[s]` over the
     `G` query heads of each KV head and the valid query rows.
+
+    CUDA tensors go to the Triton kernels of `kvpress.triton_kernels` (same quantities, fused,
+    O(S) memory; `KVPRESS_TRITON=0` keeps this PyTorch path). Rows that see no valid slot are the
+    one difference: uniform here, zeros there; a layer's own new token is always visible, except
+    in a KV head that holds no valid slot at all (`PrunedLayer.drop_heads`): its query heads output
+    zeros and add no mass on both paths.
     """
+    if query.is_cuda:
+        from kvpress.triton_kernels import attention_signals, use_triton
+
+        if use_triton(query):
+            return attention_signals(query, key, value, slot_valid, scaling=scaling, softcap=softcap,
+                                     query_valid=query_valid, weights=weights, want_output=want_output)
     batch, q_heads, q_len, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
@@ -72,8 +84,11 @@ def grouped_attention(
             outputs.append(torch.einsum("bhgqs,bhsd->bhgqd", probs, vf))
         if mass is not None:
             mass += torch.einsum("bhgqs,q->bhs", probs, weights[start:stop])
+    live = slot_valid.any(dim=-1)  # [B, Hkv]: False for a dropped head
+    if mass is not None:
+        mass = mass * live[..., None]
     output = None
     if want_output:
-        output = torch.cat(outputs, dim=3).reshape(batch, q_heads, q_len, -1)
+        output = (torch.cat(outputs, dim=3) * live[:, :, None, None, None]).reshape(batch, q_heads, q_len, -1)
         output = output.transpose(1, 2).to(query.dtype).contiguous()
     return output, mass
