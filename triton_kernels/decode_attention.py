@@ -20,7 +20,6 @@ A row that sees no valid slot outputs zeros and adds no mass.
 from __future__ import annotations
 
 import torch
-
 from kvpress.triton_kernels._common import (
     HAS_TRITON,
     apply_softcap,
@@ -283,11 +282,11 @@ if HAS_TRITON:
         if HAS_QUERY_VALID:
             keep = (tl.load(QUERY_VALID + b * stride_qvb) != 0).to(tl.float32)
 
-        if WANT_OUTPUT:
+        if WANT_OUTPUT:  # noqa: SIM102 - a compile-time flag around a runtime test
             if block == 0:
                 dv = tl.arange(0, BLOCK_DV)
                 out = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-                for part_index in range(0, num_splits):
+                for part_index in range(num_splits):
                     m_s = tl.load(PART_MAX + row * num_splits + part_index, mask=g_ok, other=float("-inf"))
                     acc = tl.load(PART_OUT + (row[:, None] * num_splits + part_index) * VALUE_DIM + dv[None, :],
                                   mask=g_ok[:, None] & (dv < VALUE_DIM)[None, :], other=0.0)

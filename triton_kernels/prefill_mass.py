@@ -24,7 +24,6 @@ A row that sees no valid slot has `lse = +inf`: it outputs zeros and adds no mas
 from __future__ import annotations
 
 import torch
-
 from kvpress.triton_kernels._common import (
     HAS_TRITON,
     apply_softcap,
@@ -105,7 +104,7 @@ def prefill_mass_reference(
     blocks: tuple[int, int] | None = None,  # Triton's tile sizes; ignored here
 ) -> torch.Tensor:
     """PyTorch reference: `mass [B, Hkv, S]` fp32 (module docstring), row chunks of `O(chunk * S)`."""
-    batch, q_heads, q_len, _ = query.shape
+    batch, _q_heads, q_len, _ = query.shape
     kv_heads = key.shape[1]
     chunk = _row_chunk(query, key)
     mass = torch.zeros(batch, kv_heads, key.shape[2], device=key.device, dtype=torch.float32)
@@ -167,7 +166,7 @@ def attention_with_lse_triton(
     )
     tiles = _tiles(blocks)
     if tiles is None:
-        grid = lambda conf: (triton.cdiv(q_len, conf["BLOCK_M"]), batch * q_heads)  # noqa: E731
+        grid = lambda conf: (triton.cdiv(q_len, conf["BLOCK_M"]), batch * q_heads)
         _attention_lse_tuned[grid](*args, **meta)
     else:
         grid = (triton.cdiv(q_len, tiles[0]), batch * q_heads)
@@ -211,7 +210,7 @@ def prefill_mass_triton(
     )
     tiles = _tiles(blocks)
     if tiles is None:
-        grid = lambda conf: (triton.cdiv(slots, conf["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+        grid = lambda conf: (triton.cdiv(slots, conf["BLOCK_N"]), batch * kv_heads)
         _prefill_mass_tuned[grid](*args, **meta)
     else:
         grid = (triton.cdiv(slots, tiles[1]), batch * kv_heads)
@@ -346,7 +345,7 @@ if HAS_TRITON:
         mass = tl.zeros([BLOCK_N], tl.float32)
         first_row = tl.maximum(tile * BLOCK_N - offset, 0)  # earlier rows cannot see this tile
         first_row = (first_row // BLOCK_M) * BLOCK_M
-        for g in range(0, GROUP):
+        for g in range(GROUP):
             hq = h * GROUP + g
             q_base = Q + b * stride_qb + hq * stride_qh
             l_base = LSE + b * stride_lb + hq * stride_lh

@@ -5,13 +5,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvpress.signals import grouped_attention  # noqa: E402
-from kvpress.triton_kernels.decode_attention import (  # noqa: E402
+from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
+from kvpress.triton_kernels.decode_attention import (
     decode_attention_reference,
     decode_attention_triton,
 )
 
-from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance  # noqa: E402
+from kvpress.signals import grouped_attention
 
 
 def make_inputs(device, batch=2, kv_heads=2, group=3, slots=77, dim=32, value_dim=None, dtype=torch.float32):
@@ -29,7 +29,7 @@ def make_inputs(device, batch=2, kv_heads=2, group=3, slots=77, dim=32, value_di
 def test_decode_matches_reference_across_head_dims_groups_and_dtypes(device, dim, group, slots, dtype):
     query, key, value, valid = make_inputs(device, group=group, slots=slots, dim=dim, dtype=dtype)
     weights = torch.tensor([0.7], device=device)
-    kwargs = dict(scaling=dim ** -0.5, weights=weights)
+    kwargs = {"scaling": dim ** -0.5, "weights": weights}
     out, mass = decode_attention_triton(query, key, value, valid, split_size=32, **kwargs)  # several splits
     ref_out, ref_mass = decode_attention_reference(query, key, value, valid, **kwargs)
     torch.testing.assert_close(out.float(), ref_out.float(), **tolerance(dtype))
@@ -68,7 +68,7 @@ def test_decode_folds_mass_into_running_scores_in_place(device, decay):
 def test_decode_softcap_and_padded_query_rows(device):
     query, key, value, valid = make_inputs(device, group=3, slots=33)
     query_valid = torch.tensor([[True], [False]], device=device)
-    kwargs = dict(scaling=0.5, softcap=2.0, query_valid=query_valid, weights=torch.tensor([1.0], device=device))
+    kwargs = {"scaling": 0.5, "softcap": 2.0, "query_valid": query_valid, "weights": torch.tensor([1.0], device=device)}
     out, mass = decode_attention_triton(query, key, value, valid, split_size=16, **kwargs)
     ref_out, ref_mass = decode_attention_reference(query, key, value, valid, **kwargs)
     torch.testing.assert_close(out, ref_out, **tolerance(torch.float32))

@@ -1,0 +1,59 @@
+"""Dispatch: which path runs, and the kernels composed as `PrunedLayer.attend` uses them on CUDA."""
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
+from kvpress.triton_kernels import attention_signals, compact_slots, decode_attention, use_triton
+
+from kvpress.signals import grouped_attention, row_weights
+
+# the package re-exports functions named like their modules: reach the modules themselves
+decode = importlib.import_module("kvpress.triton_kernels.decode_attention")
+compaction = importlib.import_module("kvpress.triton_kernels.compaction")
+
+
+@pytest.mark.parametrize("q_len, rows", [(1, None), (19, None), (19, 5)])
+def test_attention_signals_on_triton_match_the_torch_signals(device, q_len, rows):
+    batch, kv_heads, group, slots, dim = 2, 2, 3, 41, 16
+    query = torch.randn(batch, kv_heads * group, q_len, dim, device=device)
+    key = torch.randn(batch, kv_heads, slots, dim, device=device)
+    value = torch.randn(batch, kv_heads, slots, dim, device=device)
+    valid = random_slots(batch, kv_heads, slots, device, visible_tail=q_len)
+    weights = row_weights(q_len, rows, 1.0, device)
+    out, mass = attention_signals(query, key, value, valid, scaling=0.25, weights=weights, backend="triton")
+    ref_out, ref_mass = grouped_attention(query.cpu(), key.cpu(), value.cpu(), valid.cpu(), scaling=0.25,
+                                          weights=weights.cpu())
+    torch.testing.assert_close(out.cpu(), ref_out, **tolerance(torch.float32))
+    torch.testing.assert_close(mass.cpu(), ref_mass, **MASS_TOLERANCE)
+    assert attention_signals(query, key, value, valid, scaling=0.25, want_output=False) == (None, None)
+
+
+def test_cpu_tensors_take_the_reference_unless_forced(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton launcher ran on CPU tensors")
+
+    monkeypatch.setattr(decode, "decode_attention_triton", refuse)
+    monkeypatch.setattr(compaction, "compact_slots_triton", refuse)
+    query, key = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 8, 16)
+    valid = torch.ones(1, 1, 8, dtype=torch.bool)
+    out, _ = decode_attention(query, key, key, valid, scaling=0.25)
+    assert out.shape == (1, 1, 2, 16)
+    index = torch.arange(4).expand(1, 1, 4)
+    kept = compact_slots(key, key, torch.zeros(1, 1, 8, dtype=torch.long), torch.zeros(1, 1, 8), index)
+    assert kept[0].shape == (1, 1, 4, 16)
+    with pytest.raises(AssertionError, match="Triton launcher"):
+        decode_attention(query, key, key, valid, scaling=0.25, backend="triton")
+
+
+def test_backend_names_are_checked_and_env_switch_disables_auto(monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        use_triton(torch.zeros(1), "cuda")
+    assert not use_triton(torch.zeros(1))  # CPU
+    assert use_triton(torch.zeros(1), "triton") and not use_triton(torch.zeros(1), "torch")
+    monkeypatch.setenv("KVPRESS_TRITON", "0")
+    assert not use_triton(torch.zeros(1))
