@@ -57,6 +57,8 @@ def add_run_options(parser: argparse.ArgumentParser, with_policy: bool = True) -
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK if available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="local processes sharing the samples (like torchrun --nproc-per-node)")
 
 
 def _device(name: str, local_rank: int) -> str:
@@ -158,11 +160,26 @@ def _decode_eviction(policy) -> bool | None:
         return None
 
 
+def _spawned(command: str, argv: list[str], workers: int) -> int | None:
+    """Re-launch this command in ``workers`` local processes unless already inside a sharded run."""
+    if workers <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    from kvpress.longbench.distributed import spawn_local
+
+    return spawn_local([command, *argv], workers)
+
+
 def longbench_run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kvpress longbench", description="Run LongBench with a cache policy.")
     add_run_options(parser)
     parser.add_argument("--out", default=None, help="run folder (default runs/<policy>)")
     args = parser.parse_args(argv)
+    from kvpress.spec import parse_spec
+
+    parse_spec(args.policy)  # fail on a bad spec before loading anything
+    code = _spawned("longbench", argv, args.workers)
+    if code is not None:
+        return code
     prep = prepare(args)
     try:
         run_one(args, prep, args.policy, args.out or os.path.join("runs", _slug(args.policy)))
@@ -253,12 +270,16 @@ def compare_main(argv: list[str]) -> int:
     parser.add_argument("--policy", action="append", dest="policies", default=None,
                         help=f"a policy spec; repeat for several (default: {' '.join(COMPARE_POLICIES)})")
     parser.add_argument("--out", default=os.path.join("runs", "compare"), help="parent folder of the runs")
+    parser.set_defaults(workers=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     from kvpress.spec import parse_spec
 
     specs = args.policies or list(COMPARE_POLICIES)
     for spec in specs:  # fail on a bad spec before loading anything
         parse_spec(spec)
+    code = _spawned("compare", argv, args.workers)
+    if code is not None:
+        return code
     prep = prepare(args)
     start = time.perf_counter()
     results = {}

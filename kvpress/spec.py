@@ -134,15 +134,12 @@ class CacheSpec:
     text: str
     policy: Any = None
     options: list[Any] = field(default_factory=list)
+    chain: list[str] = field(default_factory=list)  # registry names, outermost first
 
     @property
     def name(self) -> str:
         """Policy chain name: ``"full"``, ``"snapkv"``, ``"vatp(h2o)"``."""
-        node, names = self.policy, []
-        while node is not None:
-            names.append(type(node).__name__.lower())
-            node = getattr(node, "inner", None) if _is_wrapper(type(node)) else None
-        return "(".join(names) + ")" * (len(names) - 1) if names else "full"
+        return "(".join(self.chain) + ")" * (len(self.chain) - 1) if self.chain else "full"
 
     @property
     def budget(self) -> Any:
@@ -168,7 +165,8 @@ def parse_spec(text: str, registry: Mapping[str, type] | None = None, options_mo
     else:
         if registry is None:
             from kvpress.policies import REGISTRY as registry
-        spec.policy = build_chain(parse_chain(chain_text), parse_params(param_text, head), registry)
+        spec.chain = parse_chain(chain_text)
+        spec.policy = build_chain(spec.chain, parse_params(param_text, head), registry)
     for option_text in option_texts:
         name, _, params_text = option_text.partition(":")
         cls = resolve_option(name.strip(), options_module)

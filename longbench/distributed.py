@@ -63,3 +63,29 @@ class Shard:
 
             dist.destroy_process_group()
             self._group = False
+
+
+def free_port() -> int:
+    """An unused TCP port on localhost for the process group's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_local(argv: list[str], workers: int) -> int:
+    """Run ``kvpress <argv>`` in ``workers`` local processes (what ``torchrun --nproc-per-node`` does,
+    without the extra launcher): each gets RANK/WORLD_SIZE and a rendezvous on localhost. Returns the
+    worst exit code."""
+    import subprocess
+    import sys
+
+    port = str(free_port())
+    procs = []
+    for rank in range(workers):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(workers),
+                   LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "kvpress.cli", *argv], env=env))
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
