@@ -11,6 +11,7 @@ ordinary cache are unaffected.
 from kvpress import attention as _attention
 from kvpress.cache import PrunedCache, PrunedLayer
 from kvpress.models import load_model
+from kvpress.quant import KVQuant
 from kvpress.policy import AttentionRequest, EvictionPolicy, Policy, Selection, Wrapper
 from kvpress.report import CacheReport, LayerReport
 
@@ -20,6 +21,7 @@ __all__ = [
     "AttentionRequest",
     "CacheReport",
     "EvictionPolicy",
+    "KVQuant",
     "LayerReport",
     "Policy",
     "PrunedCache",

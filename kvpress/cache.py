@@ -16,8 +16,10 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicL
 
 from kvpress import attention as hook
 from kvpress.policy import DECODE, PREFILL, AttentionRequest, EvictionPolicy, Selection
+from kvpress.quant import KVQuant, QuantizedStore
 from kvpress.report import CacheReport, LayerReport
 from kvpress.signals import grouped_attention, row_weights
+from kvpress.triton_kernels.compaction import compact_slots
 
 PER_SLOT = ("keys", "values", "valid", "positions", "scores")
 
@@ -48,9 +50,12 @@ class PrunedLayer(DynamicLayer):
     def _clear(self) -> None:
         self.keys = self.values = self.valid = self.positions = self.scores = None
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row
+        self.store: QuantizedStore | None = None  # quantized keys/values (kvpress/quant.py); keys/values are then meta between forwards
         self.seen = 0
         self.evictions = 0
         self.may_hold_invalid = False  # host-side: some slot may be padding or a masked surplus slot
+        self.dropped_heads: torch.Tensor | None = None  # [B, Hkv] heads that store and attend nothing
+        self.attention_output: torch.Tensor | None = None  # [B, q, Hq, Dv] while the policy selects
         self.is_initialized = False
 
     # ---- transformers' layer contract ----
@@ -69,8 +74,11 @@ class PrunedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, heads, q = key_states.shape[:3]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.store is not None:
+            self.keys, self.values = self.store.append(key_states, value_states)
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
         self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, q)], dim=-1)
         self.positions = torch.cat([self.positions, self.positions.new_zeros(batch, heads, q)], dim=-1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, q)], dim=-1)
@@ -104,8 +112,14 @@ class PrunedLayer(DynamicLayer):
     def _apply_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in PER_SLOT + ("real_seen",):
+        names = PER_SLOT[2:] if self.store is not None else PER_SLOT
+        for name in names + ("real_seen",):
             setattr(self, name, fn(getattr(self, name)))
+        if self.dropped_heads is not None:
+            self.dropped_heads = fn(self.dropped_heads)
+        if self.store is not None:
+            self.store.apply_batch(fn)
+            self.keys, self.values = self.store.placeholders()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -134,17 +148,27 @@ class PrunedLayer(DynamicLayer):
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1  # [B, q]
         positions = torch.where(new_valid, self._real_before[:, None] + offsets, -1)
         self.valid[..., -q:] = new_valid[:, None, :]
+        if self.dropped_heads is not None:
+            self.valid[..., -q:] &= ~self.dropped_heads[..., None]
         self.positions[..., -q:] = positions[:, None, :]
         self.real_seen = self._real_before + new_valid.sum(-1)
 
+    def drop_heads(self, heads: torch.Tensor) -> None:
+        """Stop storing and attending the KV heads where `heads [B, Hkv]` is True (SpAtten's head
+        pruning): their slots become invalid, later tokens are not stored in them, and their query
+        heads output zeros (a row that sees no valid slot outputs zeros)."""
+        self.dropped_heads = heads if self.dropped_heads is None else self.dropped_heads | heads
+        self.valid = self.valid & ~self.dropped_heads[..., None]
+        self.may_hold_invalid = True
+
     def _compact(self, selection: Selection) -> None:
         index = selection.indices  # [B, Hkv, K]
-        expand = index[..., None]
-        self.keys = self.keys.gather(2, expand.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, expand.expand(-1, -1, -1, self.values.shape[-1]))
-        self.positions = self.positions.gather(-1, index)
-        self.scores = self.scores.gather(-1, index)
+        # one Triton launch on CUDA, torch gathers elsewhere
+        self.keys, self.values, self.positions, self.scores, _ = compact_slots(
+            self.keys, self.values, self.positions, self.scores, index)
         self.valid = selection.valid
+        if self.store is not None:
+            self.store.compact(index)
         self.evictions += 1
         if not self.may_hold_invalid:
             self.may_hold_invalid = bool((~selection.valid).any())
@@ -189,10 +213,26 @@ class PrunedLayer(DynamicLayer):
         if policy is not None:
             self._absorb(mass, request, q)
             if policy.evicts_during(phase):
+                self.attention_output = output[0]  # policies may read it while they select (SpAtten)
                 selection = policy.select(self, self.cache.slack)
+                self.attention_output = None
                 if selection is not None:
                     self._compact(selection)
+        self._store_kept_slots()
         return output
+
+    def _store_kept_slots(self) -> None:
+        """With quantization: after the first forward's eviction, move the kept slots into quantized
+        storage (score first, then quantize); after every forward, quantize residual slots whose group
+        filled, and release the dequantized tensors attention read (meta placeholders keep the shape)."""
+        if self.store is None:
+            quant = self.cache.quantization_for(self)
+            if quant is None:
+                return
+            self.store = QuantizedStore(quant, self.keys, self.values)
+        else:
+            self.store.flush()
+        self.keys, self.values = self.store.placeholders()
 
     def _absorb(self, mass: torch.Tensor | None, request: AttentionRequest | None, q: int) -> None:
         if mass is None:
@@ -224,7 +264,9 @@ class PrunedLayer(DynamicLayer):
                 + ", ".join(hook.SUPPORTED_IMPLEMENTATIONS))
 
     def report(self) -> LayerReport:
-        held = sum(getattr(self, name).nbytes for name in PER_SLOT + ("real_seen",)) if self.is_initialized else 0
+        names = PER_SLOT[2:] if self.store is not None else PER_SLOT
+        held = sum(getattr(self, name).nbytes for name in names + ("real_seen",)) if self.is_initialized else 0
+        held += self.store.nbytes if self.store is not None else 0
         return LayerReport(self.layer_idx, self.seen, self.num_slots, held, self.evictions)
 
 
@@ -246,9 +288,13 @@ class PrunedCache(Cache):
         at its first forward.
     slack: slots a layer may exceed its budget by before it compacts; compaction then goes back to
         the budget. 0 evicts at every step (H2O's definition); a larger slack amortises the copy.
+    quantization: `KVQuant(bits, group_size, residual)` to store kept slots quantized (KIVI-style,
+        kvpress/quant.py); attention and policies read the dequantized slots. Without it, a policy that
+        defines `quantization_for(layer)` (`QuantizedPruning`) chooses the storage.
     """
 
-    def __init__(self, policy: EvictionPolicy | None = None, *, config=None, slack: int = 0):
+    def __init__(self, policy: EvictionPolicy | None = None, *, config=None, slack: int = 0,
+                 quantization: KVQuant | None = None):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             raise ValueError(f"policy must be a kvpress policy or None, got {type(policy).__name__}")
         if not isinstance(slack, int) or slack < 0:
@@ -256,6 +302,9 @@ class PrunedCache(Cache):
         super().__init__(layers=[])
         self.policy = policy
         self.slack = slack
+        if quantization is not None and not isinstance(quantization, KVQuant):
+            raise ValueError(f"quantization must be a kvpress.KVQuant or None, got {type(quantization).__name__}")
+        self.quantization = quantization
         self.forward_index = 0
         self._last_layer = -1
         self.types_known = False
@@ -296,6 +345,13 @@ class PrunedCache(Cache):
             elif old.is_initialized:
                 new.update(old.keys, old.values)
         return self.layers[layer.layer_idx]
+
+    def quantization_for(self, layer: PrunedLayer) -> KVQuant | None:
+        """The storage of `layer`: the cache's `quantization`, else the policy's choice, else None."""
+        if self.quantization is not None:
+            return self.quantization
+        choose = getattr(self.policy, "quantization_for", None)
+        return choose(layer) if choose is not None else None
 
     @property
     def is_compileable(self) -> bool:

@@ -1,12 +1,20 @@
 """Eviction policies, one module each. `REGISTRY` maps lowercase names to classes (spec strings,
 `kvpress policies`)."""
 
+from kvpress.policies.a2sf import A2SF
+from kvpress.policies.adakv import AdaKV
+from kvpress.policies.caote import CAOTE
+from kvpress.policies.graphkv import GraphKV
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import Knorm
+from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.random_policy import RandomPolicy
 from kvpress.policies.snapkv import SnapKV
+from kvpress.policies.spatten import SpAtten
 from kvpress.policies.streaming_llm import StreamingLLM
 from kvpress.policies.tova import TOVA
+from kvpress.policies.vatp import VATP
+from kvpress.policies.quantized_pruning import QuantizedPruning
 
 REGISTRY = {
     "h2o": H2O,
@@ -15,6 +23,15 @@ REGISTRY = {
     "snapkv": SnapKV,
     "streamingllm": StreamingLLM,
     "tova": TOVA,
+    "quantizedpruning": QuantizedPruning,
+    "a2sf": A2SF,
+    "vatp": VATP,
+    "caote": CAOTE,
+    "graphkv": GraphKV,
+    "spatten": SpAtten,
+    "pyramidkv": PyramidKV,
+    "adakv": AdaKV,
 }
 
-__all__ = ["H2O", "Knorm", "RandomPolicy", "REGISTRY", "SnapKV", "StreamingLLM", "TOVA"]
+__all__ = ["H2O", "Knorm", "RandomPolicy", "REGISTRY", "SnapKV", "StreamingLLM", "TOVA", "QuantizedPruning",
+           "A2SF", "VATP", "CAOTE", "GraphKV", "SpAtten", "PyramidKV", "AdaKV"]

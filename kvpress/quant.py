@@ -1,0 +1,437 @@
+"""KIVI-style quantized KV storage for `PrunedCache`, and memory budgets in bytes.
+
+    cache = PrunedCache(SnapKV(budget=1024), quantization=KVQuant(bits=4, group_size=32, residual=128))
+
+Quantization (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", arXiv
+2402.02750): per group, `m = min`, `M = max`, `s = (M - m) / (2^b - 1)`, `q = round((x - m) / s)`,
+`x_hat = q * s + m`, so `|x - x_hat| <= s / 2`. Keys are grouped per channel over `group_size`
+consecutive slots (key outliers are channel-wise), values per slot over `group_size` channels. Codes are
+packed along `head_dim` (two 4-bit or four 2-bit codes per byte, low bits first), so every slot's codes
+are a row of its own.
+
+Storage of one layer (`QuantizedStore`), slots in temporal order: `[quantized | residual]`.
+
+* quantized slots: `key_codes`/`value_codes [B, H, Nq, D*b/8]` uint8; value `scale/zero [B, H, Nq, D/G]`;
+  key `scale/zero [B, H, NB, D]` per *block* and `key_counts [B, H, NB]` int32, the number of slots
+  of each block still held. A block is a run of consecutive slots quantized together, so the block
+  of a slot is found from the cumulative counts (block ids never decrease along the slots).
+* residual: the newest slots in full precision, `[B, H, R', D]`. After every forward the oldest
+  `G * floor((R' - residual) / G)` of them are quantized as new key blocks of `G` slots.
+
+Eviction (`compact`) never re-quantizes: kept quantized slots are gathered with their codes, their
+value scales and their key block (counts drop; blocks left empty are removed), so a kept token's error
+stays the error of its one quantization. Because heads keep different tokens, heads may keep different
+numbers of quantized slots; the quantized region is widened to the largest of them, and each head's
+extra slots (full precision until then) are quantized as one new block: first quantization, no
+compounding. Evictions thin blocks out (a block's scales stay as long as one of its slots is kept); when
+the blocks exceed the dense count `ceil(Nq / G)` by more than `reserve_blocks(Nq)`, the quantized
+region is re-packed into dense blocks. That re-pack is the only re-quantization of an already-quantized
+value (one more rounding, at most `s' / 2`); it runs at most once per `G * reserve_blocks` evictions
+from the quantized region, never on every step, and the memory bound below includes the reserve.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 4, 8)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def check_bits(owner: str, bits) -> None:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"{owner}: bits must be one of {BITS}, got {bits!r}")
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """How a `PrunedCache` stores kept slots: `bits` in {2, 4, 8}, groups of `group_size` (tokens per
+    channel for keys, channels per token for values), and the newest `residual` slots in full precision
+    until a group of `group_size` older slots fills. KIVI paper defaults: group 32, residual 128."""
+
+    bits: int = 4
+    group_size: int = 32
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        check_bits("KVQuant", self.bits)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"KVQuant: group_size must be an int >= 1 that divides head_dim, got {self.group_size!r}")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"KVQuant: residual must be an int >= 0 (full-precision recent slots), got {self.residual!r}")
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.group_size:
+            divisors = [g for g in range(1, head_dim + 1) if head_dim % g == 0]
+            raise ValueError(f"KVQuant: group_size must divide head_dim {head_dim} (values are grouped per token "
+                             f"over channels); got group_size={self.group_size}, accepted: {divisors}")
+        if (head_dim * self.bits) % 8:
+            raise ValueError(f"KVQuant: head_dim {head_dim} times bits {self.bits} must be a multiple of 8 to pack codes")
+
+    def bytes_for_slots(self, slots: int, head_dim: int, itemsize: int) -> int:
+        """Upper bound of the bytes a layer's storage holds per KV head (per batch row) when it keeps
+        `slots` slots: residual at its largest (`residual + G - 1` full-precision slots), the rest
+        quantized with value scales/zeros per slot and key scales/zeros for the dense blocks plus the
+        re-pack reserve, and the int32 block counts."""
+        tail = min(slots, self.residual + self.group_size - 1)
+        quantized = slots - tail
+        blocks = math.ceil(quantized / self.group_size) + reserve_blocks(quantized, self.group_size) if quantized else 0
+        codes = 2 * quantized * head_dim * self.bits // 8
+        value_params = 2 * quantized * (head_dim // self.group_size) * itemsize
+        key_params = blocks * (2 * head_dim * itemsize + 4)
+        return codes + value_params + key_params + 2 * tail * head_dim * itemsize
+
+
+def reserve_blocks(quantized: int, group: int) -> int:
+    """Thinned-out key blocks tolerated beyond the dense count before the store re-packs: a quarter of
+    the dense count, at least one."""
+    return max(1, math.ceil(quantized / group) // 4)
+
+
+def parse_memory(memory) -> int:
+    """Bytes from an int or a string such as `"64MiB"`, `"1.5GB"`, `"512 KB"`, `"4096"` (B, KB/MB/GB/TB
+    are powers of 1000, KiB/MiB/GiB/TiB powers of 1024)."""
+    if isinstance(memory, bool):
+        raise ValueError(f"memory must be an int number of bytes or a string like '64MiB' or '1.5GB', got {memory!r}")
+    if isinstance(memory, int):
+        value = memory
+    elif isinstance(memory, float) and memory.is_integer():
+        value = int(memory)
+    elif isinstance(memory, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", memory)
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"memory {memory!r} is not understood: use an int number of bytes or a number with "
+                             f"a unit among B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '64MiB', '1.5GB')")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    else:
+        raise ValueError(f"memory must be an int number of bytes or a string like '64MiB' or '1.5GB', got {memory!r}")
+    if value <= 0:
+        raise ValueError(f"memory must be > 0 bytes, got {memory!r}")
+    return value
+
+
+def slots_for_memory(memory: int, head_dim: int, itemsize: int, quant: KVQuant | None) -> int:
+    """Most slots per KV head whose keys and values fit in `memory` bytes: full precision
+    (`2 * head_dim * itemsize` per slot) when `quant` is None, else `quant.bytes_for_slots` exactly."""
+    if quant is None:
+        return memory // (2 * head_dim * itemsize)
+    low, high = 0, memory * 8 // (2 * head_dim * quant.bits) + 1  # high: no slot costs less than its codes
+    while low < high:
+        mid = (low + high + 1) // 2
+        if quant.bytes_for_slots(mid, head_dim, itemsize) <= memory:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+# ---- quantization primitives (the PyTorch references of triton_kernels/quantization.py) ----
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`[..., D]` uint8 codes < 2**bits -> `[..., D * bits / 8]` uint8, code `i` of a byte in bits
+    `[i * bits, (i + 1) * bits)`."""
+    per = 8 // bits
+    if per == 1:
+        return codes.to(torch.uint8)
+    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: `[..., Dp]` uint8 -> `[..., Dp * 8 / bits]` uint8 codes."""
+    per = 8 // bits
+    if per == 1:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def affine_params(low: torch.Tensor, high: torch.Tensor, levels: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (= the group minimum) stored in `dtype`."""
+    scale = ((high.float() - low.float()) / levels).to(dtype)
+    return scale, low.to(dtype)
+
+
+def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes `round((x - zero) / scale)` clamped to `[0, levels]`, with broadcast scale/zero; a group
+    whose values are all equal (scale 0) gets code 0 and dequantizes to its value exactly."""
+    s = scale.float()
+    inverse = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+    return torch.round((x.float() - zero.float()) * inverse).clamp_(0, levels).to(torch.uint8)
+
+
+def quantize_values(x: torch.Tensor, bits: int, group: int):
+    """Per-slot groups of `group` channels: `x [..., D]` -> packed `[..., D*bits/8]`, scale and zero
+    `[..., D/group]` in x's dtype."""
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    scale, zero = affine_params(grouped.amin(-1), grouped.amax(-1), (1 << bits) - 1, x.dtype)
+    codes = encode(grouped, scale[..., None], zero[..., None], (1 << bits) - 1)
+    return pack(codes.reshape(x.shape), bits), scale, zero
+
+
+def dequantize_values(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    codes = unpack(packed, bits).float()
+    group = codes.shape[-1] // scale.shape[-1]
+    grouped = codes.reshape(*codes.shape[:-1], scale.shape[-1], group)
+    out = grouped * scale.float()[..., None] + zero.float()[..., None]
+    return out.reshape(codes.shape).to(scale.dtype)
+
+
+def quantize_key_blocks(x: torch.Tensor, bits: int, group: int):
+    """Per-channel groups of `group` consecutive slots: `x [B, H, N, D]` -> packed `[B, H, N, Dp]`,
+    scale and zero `[B, H, ceil(N/group), D]`, counts `[ceil(N/group)]` (the last block may be short)."""
+    n = x.shape[-2]
+    blocks = math.ceil(n / group)
+    pad = blocks * group - n
+    padded = torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], pad, x.shape[-1])], dim=-2) if pad else x
+    grouped = padded.reshape(*x.shape[:-2], blocks, group, x.shape[-1])
+    scale, zero = affine_params(grouped.amin(-2), grouped.amax(-2), (1 << bits) - 1, x.dtype)
+    codes = encode(grouped, scale[..., None, :], zero[..., None, :], (1 << bits) - 1)
+    codes = codes.reshape(padded.shape)[..., :n, :]
+    counts = torch.full((blocks,), group, dtype=torch.int32, device=x.device)
+    if pad:
+        counts[-1] = group - pad
+    return pack(codes, bits), scale, zero, counts
+
+
+def block_of_slot(counts: torch.Tensor, slots: int) -> torch.Tensor:
+    """`[B, H, N]` long: the key block of each quantized slot, from per-block counts `[B, H, NB]`."""
+    ends = counts.long().cumsum(-1)  # [B, H, NB]
+    index = torch.arange(slots, device=counts.device).expand(*counts.shape[:-1], slots).contiguous()
+    return torch.searchsorted(ends, index, right=True)
+
+
+def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """`packed [B, H, N, Dp]`, per-block `scale/zero [B, H, NB, D]`, `block [B, H, N]` -> `[B, H, N, D]`."""
+    codes = unpack(packed, bits).float()
+    index = block[..., None].expand(*block.shape, scale.shape[-1])
+    out = codes * scale.float().gather(-2, index) + zero.float().gather(-2, index)
+    return out.to(scale.dtype)
+
+
+class QuantizedStore:
+    """The quantized storage of one `PrunedLayer` (see the module docstring for the layout)."""
+
+    TENSORS = ("key_codes", "key_scale", "key_zero", "key_counts", "value_codes", "value_scale",
+               "value_zero", "residual_keys", "residual_values")
+
+    def __init__(self, quant: KVQuant, keys: torch.Tensor, values: torch.Tensor):
+        """Start from the full-precision slots `keys/values [B, H, P, D]` of a layer (its first forward)."""
+        quant.check_head_dim(keys.shape[-1])
+        self.quant = quant
+        self.dtype = keys.dtype
+        batch, heads, _, dim = keys.shape
+        packed = dim * quant.bits // 8
+        self.key_codes = keys.new_empty(batch, heads, 0, packed, dtype=torch.uint8)
+        self.value_codes = self.key_codes.clone()
+        self.key_scale = keys.new_empty(batch, heads, 0, dim)
+        self.key_zero = self.key_scale.clone()
+        self.key_counts = torch.zeros(batch, heads, 0, dtype=torch.int32, device=keys.device)
+        self.value_scale = keys.new_empty(batch, heads, 0, dim // quant.group_size)
+        self.value_zero = self.value_scale.clone()
+        self.residual_keys, self.residual_values = keys, values
+        self.repacks = 0
+        self.flush()
+
+    # ---- sizes ----
+    @property
+    def quantized_slots(self) -> int:
+        return self.key_codes.shape[-2]
+
+    @property
+    def num_slots(self) -> int:
+        return self.quantized_slots + self.residual_keys.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.TENSORS)
+
+    def breakdown(self) -> dict[str, int]:
+        """Bytes per kind: packed codes, scales, zero points, block counts, full-precision residual."""
+        return {
+            "codes": self.key_codes.nbytes + self.value_codes.nbytes,
+            "scales": self.key_scale.nbytes + self.value_scale.nbytes,
+            "zeros": self.key_zero.nbytes + self.value_zero.nbytes,
+            "block_counts": self.key_counts.nbytes,
+            "residual": self.residual_keys.nbytes + self.residual_values.nbytes,
+        }
+
+    # ---- reading and appending ----
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized slots in the model's dtype: keys and values `[B, H, Nq, D]`."""
+        bits = self.quant.bits
+        block = block_of_slot(self.key_counts, self.quantized_slots)
+        keys = dequantize_keys(self.key_codes, self.key_scale, self.key_zero, block, bits)
+        values = dequantize_values(self.value_codes, self.value_scale, self.value_zero, bits)
+        return keys, values
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new full-precision slots to the residual; return every slot (dequantized, then residual),
+        which is what attention reads this forward."""
+        self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
+        self.residual_values = torch.cat([self.residual_values, values], dim=-2)
+        old_keys, old_values = self.dequantize()
+        return torch.cat([old_keys, self.residual_keys], dim=-2), torch.cat([old_values, self.residual_values], dim=-2)
+
+    def flush(self) -> None:
+        """Quantize the oldest residual slots in whole groups, leaving `residual` to `residual + G - 1`."""
+        group = self.quant.group_size
+        count = (self.residual_keys.shape[-2] - self.quant.residual) // group * group
+        if count <= 0:
+            return
+        keys, values = self.residual_keys[..., :count, :], self.residual_values[..., :count, :]
+        # copies, so that the quantized slots' full-precision buffer is freed
+        self.residual_keys = self.residual_keys[..., count:, :].contiguous()
+        self.residual_values = self.residual_values[..., count:, :].contiguous()
+        codes, scale, zero, counts = quantize_key_blocks(keys, self.quant.bits, group)
+        self._append_quantized(codes, scale, zero, counts.expand(*keys.shape[:2], -1), values)
+
+    def _append_quantized(self, key_codes, key_scale, key_zero, key_counts, values) -> None:
+        value_codes, value_scale, value_zero = quantize_values(values, self.quant.bits, self.quant.group_size)
+        self.key_codes = torch.cat([self.key_codes, key_codes], dim=-2)
+        self.key_scale = torch.cat([self.key_scale, key_scale], dim=-2)
+        self.key_zero = torch.cat([self.key_zero, key_zero], dim=-2)
+        self.key_counts = torch.cat([self.key_counts, key_counts.to(torch.int32)], dim=-1)
+        self.value_codes = torch.cat([self.value_codes, value_codes], dim=-2)
+        self.value_scale = torch.cat([self.value_scale, value_scale], dim=-2)
+        self.value_zero = torch.cat([self.value_zero, value_zero], dim=-2)
+
+    # ---- eviction ----
+    def compact(self, index: torch.Tensor) -> None:
+        """Keep slots `index [B, H, K]` (sorted, over quantized then residual slots) without
+        re-quantizing any kept quantized slot."""
+        nq, dim = self.quantized_slots, self.residual_keys.shape[-1]
+        in_quantized = index < nq  # [B, H, K]
+        per_head = in_quantized.sum(-1)  # [B, H]
+        width = int(per_head.max()) if nq else 0  # new quantized region: the largest per-head count
+        head_index, tail_index = index[..., :width], index[..., width:] - nq
+        old = torch.arange(width, device=index.device) < per_head[..., None]  # [B, H, width] was quantized
+
+        # kept quantized slots: gather codes, value scales, and the block of each slot
+        q_index = head_index.clamp(max=max(nq - 1, 0))
+        rows = lambda t: t.gather(-2, q_index[..., None].expand(*q_index.shape, t.shape[-1]))  # noqa: E731
+        if nq:
+            key_codes, value_codes = rows(self.key_codes), rows(self.value_codes)
+            value_scale, value_zero = rows(self.value_scale), rows(self.value_zero)
+            block = block_of_slot(self.key_counts, nq).gather(-1, q_index)  # [B, H, width]
+        else:
+            key_codes = value_codes = value_scale = value_zero = None
+            block = torch.zeros_like(head_index)
+        blocks = self.key_counts.shape[-1]
+
+        # slots of heads that keep fewer quantized slots than `width`: quantized now, one new block
+        fresh = ~old
+        if bool(fresh.any()):
+            r_index = (head_index - nq).clamp(min=0)
+            r_rows = lambda t: t.gather(-2, r_index[..., None].expand(*r_index.shape, dim))  # noqa: E731
+            fresh_keys, fresh_values = r_rows(self.residual_keys), r_rows(self.residual_values)  # [B, H, width, D]
+            mask = fresh[..., None]
+            inf = torch.tensor(float("inf"), dtype=torch.float32, device=index.device)
+            low = torch.where(mask, fresh_keys.float(), inf).amin(-2)  # [B, H, D]
+            high = torch.where(mask, fresh_keys.float(), -inf).amax(-2)
+            low, high = torch.where(low <= high, low, 0.0), torch.where(low <= high, high, 0.0)
+            scale, zero = affine_params(low, high, self.quant.levels, self.dtype)
+            new_codes = pack(encode(fresh_keys, scale[..., None, :], zero[..., None, :], self.quant.levels),
+                             self.quant.bits)
+            v_codes, v_scale, v_zero = quantize_values(fresh_values, self.quant.bits, self.quant.group_size)
+            if key_codes is None:
+                key_codes, value_codes, value_scale, value_zero = new_codes, v_codes, v_scale, v_zero
+            else:
+                key_codes = torch.where(mask, new_codes, key_codes)
+                value_codes = torch.where(mask, v_codes, value_codes)
+                value_scale = torch.where(mask, v_scale, value_scale)
+                value_zero = torch.where(mask, v_zero, value_zero)
+            key_scale = torch.cat([self.key_scale, scale[..., None, :]], dim=-2)
+            key_zero = torch.cat([self.key_zero, zero[..., None, :]], dim=-2)
+            block = torch.where(fresh, blocks, block)
+            blocks += 1
+        else:
+            key_scale, key_zero = self.key_scale, self.key_zero
+            if key_codes is None:  # nothing quantized before or after
+                key_codes, value_codes = self.key_codes, self.value_codes
+                value_scale, value_zero = self.value_scale, self.value_zero
+
+        # per-head block counts; drop blocks no kept slot refers to (stable: block order is slot order)
+        counts = torch.zeros(*index.shape[:2], blocks, dtype=torch.int32, device=index.device)
+        counts.scatter_add_(-1, block, torch.ones_like(block, dtype=torch.int32))
+        order = torch.argsort((counts == 0).to(torch.int8), dim=-1, stable=True)
+        live = int((counts > 0).sum(-1).max()) if width else 0
+        order = order[..., :live]
+        self.key_counts = counts.gather(-1, order)
+        gather_blocks = lambda t: t.gather(-2, order[..., None].expand(*order.shape, dim))  # noqa: E731
+        self.key_scale, self.key_zero = gather_blocks(key_scale), gather_blocks(key_zero)
+        self.key_codes, self.value_codes = key_codes, value_codes
+        self.value_scale, self.value_zero = value_scale, value_zero
+
+        tail = tail_index[..., None].expand(*tail_index.shape, dim)
+        self.residual_keys = self.residual_keys.gather(-2, tail)
+        self.residual_values = self.residual_values.gather(-2, tail)
+        if live > math.ceil(width / self.quant.group_size) + reserve_blocks(width, self.quant.group_size):
+            self.repack()
+
+    def repack(self) -> None:
+        """Re-quantize the quantized keys into dense blocks of `G` consecutive slots (values are per
+        slot and stay as they are). One more rounding of the keys; see the module docstring."""
+        keys, _ = self.dequantize()
+        codes, scale, zero, counts = quantize_key_blocks(keys, self.quant.bits, self.quant.group_size)
+        self.key_codes, self.key_scale, self.key_zero = codes, scale, zero
+        self.key_counts = counts.expand(*keys.shape[:2], -1).contiguous()
+        self.repacks += 1
+
+    def apply_batch(self, fn) -> None:
+        """Apply a batch-axis operation (beam reorder, repeat, select) to every tensor."""
+        for name in self.TENSORS:
+            setattr(self, name, fn(getattr(self, name)))
+
+    def placeholders(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape-only (`meta`) keys and values `[B, H, P, D]` for the layer between forwards: the layer's
+        slot count and head count stay readable, and any read of data fails loudly."""
+        shape = (*self.residual_keys.shape[:2], self.num_slots, self.residual_keys.shape[-1])
+        return (torch.empty(shape, dtype=self.dtype, device="meta"), torch.empty(shape, dtype=self.dtype, device="meta"))
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of keys and values a cache holds (codes, scales, zero points, block counts and
+    full-precision residual for quantized layers; keys and values otherwise), without the eviction
+    bookkeeping (`valid`, `positions`, `scores`). Works for `PrunedCache` and transformers caches."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        store = getattr(layer, "store", None)
+        if store is not None:
+            total += store.nbytes
+            continue
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            total += _tensor_bytes(getattr(layer, name, None))
+    return total
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of a tensor, a quanto QTensor (its inner tensors) or an HQQ `(packed, meta)` pair."""
+    if obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            return 0
+        inner = getattr(obj, "__tensor_flatten__", None)
+        if inner is not None and type(obj) is not torch.Tensor:
+            names, _ = inner()
+            return sum(_tensor_bytes(getattr(obj, n)) for n in names)
+        return obj.nbytes
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o) for o in obj.values())
+    return 0

@@ -1,0 +1,96 @@
+"""Quantized pruning: under a fixed memory, more tokens at lower precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress.policy import Wrapper
+from kvpress.quant import KVQuant, check_bits, parse_memory, slots_for_memory
+
+
+@dataclass
+class QuantizedPruning(Wrapper):
+    """Prune with `inner` (its scores, sinks and window) to as many slots as `memory` bytes hold at
+    `bits` bits, and store the kept slots KIVI-quantized (kvpress/quant.py): at b bits a slot costs
+    about `b / 16` (fp16/bf16 models) or `b / 32` (fp32 models) of a full-precision slot, so the cache
+    keeps about `16 / b` (`32 / b`) times more tokens than eviction alone at the same memory.
+
+    Zhang et al., "More Tokens, Lower Precision: Towards the Optimal Token-Precision Trade-off in KV
+    Cache Compression", arXiv 2412.12706. Slots per KV head per layer
+    `k = max{k : bytes(k) <= memory / (layers * kv_heads)}` (`memory / kv_heads` with `per_layer`),
+    where `bytes(k)` counts packed codes, scales and zero points (in the model dtype), key-block counts
+    and the full-precision residual exactly (`KVQuant.bytes_for_slots`). The inner policy's `budget`
+    is replaced by `k`; memory is per sequence (batch row).
+
+    bits: 2, 4 or 8; None applies the paper's rule: the highest precision (full, then 8, then 4 bits)
+    at which the memory holds every token seen at the first eviction, and 4 bits when even 4 bits
+    cannot hold them all (the paper: 8 bits is lossless, 4 bits costs at most about a point at a
+    fixed token count, 2 bits collapses, and at equal memory 4x the tokens at 4 bits beats full
+    precision). A layer stays in full precision while its memory holds every token; the precision
+    chosen when it first quantizes (at prefill for a long prompt) is kept.
+    group_size, residual: the KIVI groups and full-precision recent slots (`KVQuant`); the paper's
+    runs keep generated tokens in full precision; here `residual=0` keeps only the last partial
+    group in full precision so that the memory goes to prompt tokens.
+    """
+
+    memory: int | str = "64MiB"
+    bits: int | None = None
+    group_size: int = 32
+    residual: int = 0
+    per_layer: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.memory_bytes = parse_memory(self.memory)
+        if self.bits is not None:
+            check_bits("QuantizedPruning", self.bits)
+        KVQuant(4, self.group_size, self.residual)  # validates group_size and residual
+        if not isinstance(self.per_layer, bool):
+            raise ValueError(f"QuantizedPruning: per_layer must be a bool, got {self.per_layer!r}")
+
+    # ---- the plan: precision and slots for a layer ----
+    def layer_memory(self, layer) -> int:
+        """Bytes per KV head of one layer (per sequence)."""
+        layers = 1 if self.per_layer else sum(type(other) is type(layer) for other in layer.cache.layers)
+        return self.memory_bytes // (max(layers, 1) * layer.num_heads)
+
+    def quantization_for(self, layer) -> KVQuant | None:
+        """Storage the cache uses for `layer` (None: full precision, chosen by the rule)."""
+        if self.bits is not None:
+            return KVQuant(self.bits, self.group_size, self.residual)
+        store = getattr(layer, "store", None)
+        return store.quant if store is not None else self.choose_bits(layer)
+
+    def choose_bits(self, layer) -> KVQuant | None:
+        """The paper's rule (class docstring) for the tokens `layer` has seen."""
+        memory, dim, itemsize = self.layer_memory(layer), layer.keys.shape[-1], layer.keys.element_size()
+        tokens = int(layer.real_seen.max())
+        for bits in (None, 8, 4):
+            quant = None if bits is None else KVQuant(bits, self.group_size, self.residual)
+            if slots_for_memory(memory, dim, itemsize, quant) >= tokens:
+                return quant
+        return KVQuant(4, self.group_size, self.residual)
+
+    def slots(self, layer) -> int:
+        """Slots per KV head for `layer` at the precision its cache stores (a cache's own `quantization`
+        overrides this policy's bits)."""
+        quant = layer.cache.quantization_for(layer)
+        dim, itemsize = layer.keys.shape[-1], layer.keys.element_size()
+        if quant is not None:
+            quant.check_head_dim(dim)
+        slots = slots_for_memory(self.layer_memory(layer), dim, itemsize, quant)
+        protected = self.sinks + self.window
+        if slots <= protected:
+            precision = f"{quant.bits} bits" if quant else "full precision"
+            raise ValueError(
+                f"QuantizedPruning: memory={self.memory!r} holds {slots} slots per KV head per layer at {precision} "
+                f"(head_dim {dim}, {itemsize}-byte dtype, {layer.num_heads} KV heads), not more than the inner "
+                f"policy's sinks + window ({self.sinks} + {self.window}); give more memory or fewer protected slots")
+        return slots
+
+    def keep_counts(self, layer) -> torch.Tensor:
+        keep = torch.minimum(torch.full_like(layer.real_seen, self.slots(layer)), layer.real_seen)  # [B]
+        return keep[:, None].expand(-1, layer.num_heads)
+

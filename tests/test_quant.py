@@ -1,0 +1,342 @@
+"""KIVI-quantized storage in `PrunedCache` (`KVQuant`) and `QuantizedPruning`.
+
+References are independent of kvpress/quant.py: group minima and maxima are recomputed here with plain
+loops/reshapes, packing is checked bit by bit, and byte counts are summed over the tensors the layers
+actually hold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from kvpress import KVQuant, PrunedCache
+from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV
+from kvpress.policy import Wrapper
+from kvpress.quant import (
+    QuantizedStore,
+    dequantize_keys,
+    dequantize_values,
+    kv_bytes,
+    pack,
+    parse_memory,
+    quantize_key_blocks,
+    quantize_values,
+    slots_for_memory,
+    unpack,
+)
+
+torch.set_num_threads(1)
+
+
+# ---- primitives ----
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_are_exact_inverses_bit_by_bit(bits):
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 5, 32), generator=gen, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32 * bits // 8)
+    per = 8 // bits
+    expected = torch.zeros_like(packed)
+    for i in range(per):  # code i of a byte sits in bits [i*bits, (i+1)*bits)
+        expected |= codes[..., i::per] << (i * bits)
+    assert torch.equal(packed, expected)
+    assert torch.equal(unpack(packed, bits), codes)
+    every_byte = torch.arange(256, dtype=torch.uint8)[None]
+    assert torch.equal(pack(unpack(every_byte, bits), bits), every_byte)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_value_round_trip_within_half_scale_of_each_token_group(bits):
+    x = torch.randn(2, 3, 7, 64, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, 0, 0, :16] = 1.25  # a constant group: exact
+    group = 16
+    packed, scale, zero = quantize_values(x, bits, group)
+    restored = dequantize_values(packed, scale, zero, bits)
+    groups = x.reshape(2, 3, 7, 4, group)
+    step = (groups.amax(-1) - groups.amin(-1)) / (2**bits - 1)  # independent group statistics
+    error = (restored.reshape_as(groups) - groups).abs().amax(-1)
+    assert torch.all(error <= step / 2 * (1 + 1e-5) + 1e-6)
+    assert torch.equal(restored[0, 0, 0, :16], x[0, 0, 0, :16])
+    assert packed.shape[-1] == 64 * bits // 8 and scale.shape == zero.shape == (2, 3, 7, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_key_round_trip_within_half_scale_of_each_channel_group(bits):
+    x = torch.randn(2, 3, 40, 32, generator=torch.Generator().manual_seed(1))
+    x[..., 5] *= 20  # an outlier channel only widens its own groups
+    group = 16
+    packed, scale, zero, counts = quantize_key_blocks(x, bits, group)
+    assert counts.tolist() == [16, 16, 8]
+    block = torch.arange(40).div(group, rounding_mode="floor").expand(2, 3, 40)
+    restored = dequantize_keys(packed, scale, zero, block, bits)
+    for b0 in range(3):
+        chunk = x[:, :, b0 * group:(b0 + 1) * group]
+        step = (chunk.amax(2) - chunk.amin(2)) / (2**bits - 1)  # per channel
+        error = (restored[:, :, b0 * group:(b0 + 1) * group] - chunk).abs().amax(2)
+        assert torch.all(error <= step / 2 * (1 + 1e-5) + 1e-6)
+    normal = (restored - x)[..., [c for c in range(32) if c != 5]].abs().max()
+    assert normal < (restored - x)[..., 5].abs().max()
+
+
+def _store(batch=2, heads=2, slots=50, dim=32, quant=KVQuant(bits=4, group_size=8, residual=4), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(batch, heads, slots, dim, generator=gen), torch.randn(batch, heads, slots, dim, generator=gen)
+    return QuantizedStore(quant, keys, values), keys, values
+
+
+def test_flush_keeps_residual_between_residual_and_residual_plus_group():
+    store, keys, _ = _store(slots=50)
+    # 50 slots, residual 4, group 8: 40 quantized (5 blocks), 10 full precision
+    assert store.quantized_slots == 40 and store.residual_keys.shape[-2] == 10
+    assert torch.equal(store.residual_keys, keys[:, :, 40:])
+    store.append(torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32))
+    store.flush()
+    assert store.quantized_slots == 40 and store.residual_keys.shape[-2] == 11
+    store.append(torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32))
+    store.flush()
+    assert store.quantized_slots == 48 and store.residual_keys.shape[-2] == 4
+
+
+def test_eviction_gathers_quantized_slots_without_requantizing():
+    store, keys, values = _store(slots=50)
+    before_k, before_v = store.dequantize()
+    full_k = torch.cat([before_k, store.residual_keys], dim=-2)
+    full_v = torch.cat([before_v, store.residual_values], dim=-2)
+    # per (row, head) a different split between quantized (0..39, blocks of 8) and residual slots
+    index = torch.stack([
+        torch.stack([torch.cat([torch.arange(6), torch.arange(40, 50)]), torch.arange(16, 32)]),
+        torch.stack([torch.cat([torch.arange(8, 18), torch.arange(40, 46)]), torch.arange(24, 40)]),
+    ])  # [2, 2, 16]
+    store.compact(index)
+    assert store.repacks == 0
+    after_k, after_v = store.dequantize()
+    width = store.quantized_slots
+    assert width == int((index < 40).sum(-1).max()) == 16
+    kept_k = full_k.gather(2, index[..., None].expand(-1, -1, -1, 32))
+    kept_v = full_v.gather(2, index[..., None].expand(-1, -1, -1, 32))
+    was_quantized = index[..., :width] < 40
+    # previously quantized slots come back bit-identical (no second rounding)
+    assert torch.equal(after_k[was_quantized], kept_k[..., :width, :][was_quantized])
+    assert torch.equal(after_v[was_quantized], kept_v[..., :width, :][was_quantized])
+    # slots quantized now for the narrower heads: within half a step of their original values
+    fresh = ~was_quantized
+    original_k = keys.gather(2, index[..., None].expand(-1, -1, -1, 32))[..., :width, :]
+    for b, h in zip(*torch.nonzero(fresh.any(-1), as_tuple=True)):
+        chunk = original_k[b, h][fresh[b, h]]
+        step = (chunk.amax(0) - chunk.amin(0)) / 15
+        assert torch.all((after_k[b, h][fresh[b, h]] - chunk).abs() <= step / 2 + 1e-6)
+    assert torch.equal(store.residual_keys, kept_k[..., width:, :])
+    assert int(store.key_counts.sum(-1).min()) == int(store.key_counts.sum(-1).max()) == width
+
+
+def test_thinned_blocks_are_repacked_within_reserve():
+    quant = KVQuant(bits=4, group_size=8, residual=0)
+    store, _, _ = _store(slots=128, quant=quant)
+    assert store.key_counts.shape[-1] == 16
+    index = torch.arange(0, 128, 4).expand(2, 2, -1).contiguous()  # every block keeps 2 of 8 slots
+    store.compact(index)
+    assert store.repacks == 1 and store.key_counts.shape[-1] == math.ceil(32 / 8)
+    assert store.key_counts.tolist() == [[[8] * 4] * 2] * 2
+
+
+# ---- integration with PrunedCache ----
+def _tiny(family="llama", attn="eager", seed=0):
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, use_sliding_window=False)
+        model = Qwen2ForCausalLM(cfg)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+def _held_bytes(layer) -> int:
+    """Bytes of the storages behind every real (non-meta) tensor of the layer's store and slot
+    metadata, found by walking attributes; a view into a larger buffer counts the whole buffer."""
+    tensors = [obj for obj in vars(layer.store).values() if isinstance(obj, torch.Tensor)]
+    tensors += [getattr(layer, name) for name in ("keys", "values", "valid", "positions", "scores", "real_seen")]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                if t.device.type != "meta"}
+    return sum(storages.values())
+
+
+def test_report_counts_exactly_the_tensors_held():
+    model = _tiny()
+    ids = torch.randint(0, 100, (2, 70), generator=torch.Generator().manual_seed(0))
+    quant = KVQuant(bits=4, group_size=8, residual=16)
+    cache = PrunedCache(H2O(budget=48, window=4), quantization=quant)
+    model.generate(ids, max_new_tokens=9, do_sample=False, cache=cache, pad_token_id=0)
+    report = cache.report()
+    for row, layer in zip(report.layers, cache.layers):
+        store = layer.store
+        assert row.bytes == _held_bytes(layer)
+        nq, nr, blocks = store.quantized_slots, store.residual_keys.shape[-2], store.key_counts.shape[-1]
+        assert nq + nr == row.kept == 48
+        b, h, d = 2, 2, 16
+        expected = {"codes": 2 * b * h * nq * d * 4 // 8, "scales": b * h * (blocks * d + nq * d // 8) * 4,
+                    "zeros": b * h * (blocks * d + nq * d // 8) * 4, "block_counts": b * h * blocks * 4,
+                    "residual": 2 * b * h * nr * d * 4}
+        assert store.breakdown() == expected
+    assert kv_bytes(cache) == sum(layer.store.nbytes for layer in cache.layers)
+
+
+def test_every_registered_policy_runs_with_4_bit_storage():
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    for family in ("llama", "qwen2"):
+        model = _tiny(family, attn="sdpa" if family == "qwen2" else "eager")
+        for name, cls in REGISTRY.items():
+            if issubclass(cls, QuantizedPruning):
+                policy = cls(H2O(budget=20, window=4), memory=6000, per_layer=True)
+            elif issubclass(cls, Wrapper):
+                policy = cls(H2O(budget=20, window=4))
+            else:
+                policy = cls(budget=20, window=4, sinks=2)
+            cache = PrunedCache(policy, quantization=KVQuant(bits=4, group_size=8, residual=4))
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=cache,
+                                 pad_token_id=0)
+            assert out.shape == (2, 52), name
+            for layer in cache.layers:
+                assert layer.store is not None and layer.store.quant.bits == 4, name
+                assert layer.num_slots <= max(20, 40 + 12 - 0) and layer.store.num_slots == layer.num_slots
+
+
+def test_beam_search_and_budget_with_quantized_storage():
+    model = _tiny()
+    ids = torch.randint(0, 100, (1, 60), generator=torch.Generator().manual_seed(2))
+    cache = PrunedCache(H2O(budget=32, window=4), quantization=KVQuant(bits=2, group_size=8, residual=8))
+    out = model.generate(ids, max_new_tokens=15, num_beams=3, do_sample=False, cache=cache, pad_token_id=0)
+    assert out.shape[-1] == 75
+    for layer in cache.layers:
+        assert layer.num_slots == 32 and layer.store.num_slots == 32 and layer.keys.shape[0] == 3
+
+
+def test_eight_bits_match_unquantized_eviction_on_tiny_model():
+    model = _tiny()
+    ids = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(4))
+    plain = model.generate(ids, max_new_tokens=20, do_sample=False, cache=PrunedCache(SnapKV(budget=40, window=8)))
+    quant = model.generate(ids, max_new_tokens=20, do_sample=False,
+                           cache=PrunedCache(SnapKV(budget=40, window=8), quantization=KVQuant(8, 16, 16)))
+    assert (plain == quant).float().mean() > 0.9
+
+
+# ---- QuantizedPruning ----
+def test_quantized_pruning_keeps_more_tokens_at_lower_precision_within_memory():
+    model = _tiny()  # fp32, head_dim 16, 2 KV heads, 2 layers
+    ids = torch.randint(0, 100, (1, 400), generator=torch.Generator().manual_seed(5))
+    memory = 2 * 2 * 64 * (2 * 16 * 4)  # 64 fp32 slots per head per layer
+    kept = {}
+    for bits in (None, 8, 4, 2):
+        if bits is None:
+            cache = PrunedCache(SnapKV(budget=slots_for_memory(memory // 4, 16, 4, None), window=4))
+        else:
+            policy = QuantizedPruning(SnapKV(window=4), memory=memory, bits=bits, group_size=8)
+            cache = PrunedCache(policy)
+        model.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
+        kept[bits] = cache.layers[0].num_slots
+        assert kv_bytes(cache) <= memory, bits
+    assert kept[None] == 64
+    assert kept[2] > kept[4] > kept[8] > kept[None]
+    # at most 32/b times the tokens in an fp32 model; exactly what the per-slot costs allow: codes,
+    # value scale+zero per 8 channels, key scale+zero+count per block of 8 slots, a tail of 7 fp32 slots
+    for bits in (8, 4, 2):
+        per_slot = 2 * 16 * bits / 8 + 2 * (16 / 8) * 4 + 1.25 * (2 * 16 * 4 + 4) / 8  # 1/4 reserve blocks
+        estimate = (memory // 4 - 7 * 2 * 16 * 4) / per_slot + 7
+        assert kept[bits] / kept[None] <= 32 / bits
+        assert 0.9 * estimate <= kept[bits] <= estimate, (bits, kept[bits], estimate)
+
+
+def test_quantized_pruning_rule_picks_highest_precision_that_holds_the_prompt():
+    model = _tiny()
+    ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(6))
+    per_head = lambda slots: 2 * 2 * slots * 2 * 16 * 4  # noqa: E731  fp32 bytes of `slots` per head
+    expected = {per_head(200): None, per_head(60): 8, per_head(30): 4, per_head(10): 4}
+    for memory, bits in expected.items():
+        cache = PrunedCache(QuantizedPruning(H2O(window=4), memory=memory, group_size=8))
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache=cache)
+        store = cache.layers[0].store
+        assert (None if store is None else store.quant.bits) == bits, memory
+
+
+@pytest.mark.parametrize("text,expected", [("64MiB", 64 * 2**20), ("1.5GB", 1_500_000_000), (4096, 4096),
+                                           ("512 kb", 512_000), ("2GiB", 2 * 2**30)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 4, 8\), got 3"):
+        KVQuant(bits=3)
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 4, 8\), got 16"):
+        QuantizedPruning(H2O(), bits=16)
+    with pytest.raises(ValueError, match="memory"):
+        parse_memory("64 parsecs")
+    with pytest.raises(ValueError, match="memory"):
+        QuantizedPruning(H2O(), memory=-5)
+    with pytest.raises(ValueError, match="quantization must be a kvpress.KVQuant"):
+        PrunedCache(H2O(), quantization=4)
+    model = _tiny()  # head_dim 16
+    ids = torch.randint(0, 100, (1, 30))
+    with pytest.raises(ValueError, match=r"group_size must divide head_dim 16.*group_size=12.*\[1, 2, 4, 8, 16\]"):
+        model.generate(ids, max_new_tokens=2, cache=PrunedCache(None, quantization=KVQuant(4, group_size=12)))
+    too_small = QuantizedPruning(H2O(window=32), memory=2 * 2 * 2 * 30 * 16, bits=4, group_size=8)
+    with pytest.raises(ValueError, match=r"memory=.*holds \d+ slots.*sinks \+ window \(0 \+ 32\)"):
+        model.generate(ids, max_new_tokens=2, cache=PrunedCache(too_small))
+
+
+# ---- the real model ----
+@pytest.fixture(scope="module")
+def smollm2():
+    from kvpress import load_model
+    return load_model("smollm2")
+
+
+def _prompt(tokenizer, tokens=600):
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[name] for name in ("for", "while", "if", "try", "with"))
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:tokens]
+    content = "Summarize this document.\n\n" + tokenizer.decode(ids)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)
+    return torch.tensor([chat["input_ids"]])
+
+
+@pytest.mark.real_model
+def test_smollm2_eight_bits_without_eviction_matches_dynamic_cache(smollm2, record_property):
+    model, tokenizer = smollm2
+    ids = _prompt(tokenizer)
+    new = 32
+    reference = model.generate(ids, max_new_tokens=new, do_sample=False, cache=DynamicCache(config=model.config))
+    cache = PrunedCache(None, quantization=KVQuant(bits=8, group_size=32, residual=32))
+    quantized = model.generate(ids, max_new_tokens=new, do_sample=False, cache=cache)
+    agree = (reference[0, ids.shape[1]:] == quantized[0, ids.shape[1]:]).float()
+    # first divergence, then the agreement rate over all new tokens
+    rate = float(agree.mean())
+    record_property("bits8_agreement", rate)
+    print(f"\n8-bit KIVI storage vs DynamicCache on SmolLM2: {rate:.3f} of {new} greedy tokens agree")
+    assert rate >= 0.75
+    assert kv_bytes(cache) < 0.45 * 2 * ids.shape[1] * 64 * 3 * 30 * 4  # well under the fp32 cache
+
+
+@pytest.mark.real_model
+def test_smollm2_quantized_pruning_holds_its_memory_budget(smollm2):
+    model, tokenizer = smollm2
+    ids = _prompt(tokenizer, tokens=500)
+    fp32_prompt = 2 * ids.shape[1] * 64 * 3 * 30 * 4  # keys + values of every layer
+    memory = fp32_prompt // 8
+    cache = PrunedCache(QuantizedPruning(SnapKV(window=16), memory=memory, bits=4))
+    model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache)
+    assert kv_bytes(cache) <= memory
+    slots = cache.layers[0].num_slots
+    # fp32 eviction would keep ids/8 slots; 4 bits keep 3x more after scales, zeros and the fp32 tail
+    assert slots > 3 * ids.shape[1] // 8
+    assert all(layer.num_slots == slots for layer in cache.layers)
