@@ -57,3 +57,34 @@ def test_backend_names_are_checked_and_env_switch_disables_auto(monkeypatch):
     assert use_triton(torch.zeros(1), "triton") and not use_triton(torch.zeros(1), "torch")
     monkeypatch.setenv("KVPRESS_TRITON", "0")
     assert not use_triton(torch.zeros(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA dispatch of PrunedLayer.attend needs a GPU")
+def test_generate_with_kernels_matches_the_torch_path_on_cuda(monkeypatch):
+    from kvpress.policies import H2O
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvpress import PrunedCache
+
+    config = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).cuda().eval()
+    ids = torch.randint(1, 97, (2, 60), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding: padded query rows and masked slots
+
+    def generate():
+        cache = PrunedCache(H2O(budget=24, window=4), config=config)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=cache,
+                             pad_token_id=0)
+        return out, cache
+
+    out, cache = generate()
+    monkeypatch.setenv("KVPRESS_TRITON", "0")
+    torch_out, torch_cache = generate()
+    assert torch.equal(out, torch_out)
+    for layer, torch_layer in zip(cache.layers, torch_cache.layers):
+        assert torch.equal(layer.positions, torch_layer.positions)
+        torch.testing.assert_close(layer.scores, torch_layer.scores, atol=1e-4, rtol=1e-4)
