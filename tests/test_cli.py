@@ -1,0 +1,72 @@
+"""The `kvpress` command: policy listing, clear errors for bad input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from kvpress import cli
+
+
+@dataclass
+class Demo:
+    """Demo policy for the listing."""
+
+    budget: int | float = 0.25
+    window: int = 32
+
+
+@dataclass
+class Wrap:
+    """Demo wrapper."""
+
+    inner: object
+    alpha: float = 1.0
+
+
+def test_policies_listing_shows_parameters_and_defaults():
+    text = cli.describe_policies({"demo": Demo, "wrap": Wrap})
+    assert "demo  [Demo]  Demo policy for the listing." in text
+    assert "    budget: int | float = 0.25" in text and "    window: int = 32" in text
+    assert "wrap(<policy>)  [Wrap]" in text and "    alpha: float = 1.0" in text
+    assert "inner" not in text
+
+
+def test_policies_command_lists_the_registry(capsys):
+    registry = pytest.importorskip("kvpress.policies").REGISTRY
+    assert cli.main(["policies"]) == 0
+    out = capsys.readouterr().out
+    for name in registry:
+        assert out.count(f"\n{name}") + out.startswith(name) >= 1
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["benchmark"]) == 2
+    assert "accepted: longbench, policies, compare" in capsys.readouterr().err
+
+
+def test_unknown_task_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["longbench", "--tasks", "qasperr", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown LongBench task 'qasperr'" in err and "qasper" in err
+
+
+def test_unknown_policy_is_a_clear_error_before_loading_a_model(capsys):
+    pytest.importorskip("kvpress.policies")
+    assert cli.main(["longbench", "--policy", "snapkvv:budget=3"]) == 2
+    assert "unknown policy 'snapkvv'" in capsys.readouterr().err
+    assert cli.main(["compare", "--policy", "h2o:budgett=3"]) == 2
+    assert "unknown parameter 'budgett'" in capsys.readouterr().err
+
+
+def test_real_data_requires_max_length(tmp_path, capsys):
+    (tmp_path / "trec.jsonl").write_text("")
+    assert cli.main(["longbench", "--data-dir", str(tmp_path), "--tasks", "trec"]) == 2
+    assert "--max-length is required" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    assert cli.main([]) == 0
+    assert "kvpress longbench score DIR" in capsys.readouterr().out
