@@ -110,11 +110,13 @@ class EvictionPolicy:
         return layer.valid & ((pos < self.sinks) | recent)
 
     def select(self, layer: PrunedLayer, slack: int = 0) -> Selection | None:
-        """Choose the slots to keep, or None when the layer is within budget plus `slack`."""
+        """Choose the slots to keep, or None when every (row, head) holds at most its count plus
+        `slack` real slots. Surplus physical slots (padding, masked holes) go first."""
         counts = self.keep_counts(layer)  # [B, Hkv]
-        kept = int(counts.max())
-        if layer.num_slots <= kept + slack:
+        # each (row, head) decides alone, so a row evicts exactly as it would in a batch of one
+        if not bool((layer.valid.sum(-1) > counts + slack).any()):
             return None
+        kept = int(counts.max())
         scores = self.score(layer).float()
         return top_k_selection(scores, layer.valid, self.protected(layer), counts, kept)
 

@@ -1,0 +1,76 @@
+"""Fixed retrieval prompts for end-to-end checks on the real SmolLM2 model.
+
+Each case hides one fact (a passcode, a name, a city) in about 1.5k tokens of real text: sections of
+the Python language reference that ship with CPython (`pydoc_data.topics`). The question comes after
+the text, so a policy that evicts the fact cannot answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydoc_data.topics import topics
+
+
+@dataclass(frozen=True)
+class RetrievalCase:
+    fact: str
+    question: str
+    answer: str
+    topics: tuple[str, ...]
+    depth: float  # where the fact sits in the text, 0 = start, 1 = end
+
+
+RETRIEVAL_CASES = (
+    RetrievalCase("The secret passcode is 48213.", "What is the secret passcode?", "48213",
+                  ("for", "while", "if", "try"), 0.3),
+    RetrievalCase("The name of the lighthouse keeper is Marigold.", "What is the name of the lighthouse keeper?",
+                  "Marigold", ("class", "function", "lambda"), 0.5),
+    RetrievalCase("The treasure is buried in the city of Valparaiso.", "In which city is the treasure buried?",
+                  "Valparaiso", ("assert", "assignment", "augassign", "break", "continue"), 0.2),
+    RetrievalCase("The access code for the vault is 90417.", "What is the access code for the vault?", "90417",
+                  ("import", "global", "nonlocal", "del"), 0.7),
+    RetrievalCase("The captain's parrot is called Pistachio.", "What is the captain's parrot called?",
+                  "Pistachio", ("with", "return", "raise", "pass"), 0.6),
+    RetrievalCase("The password to the archive is tangerine.", "What is the password to the archive?",
+                  "tangerine", ("booleans", "comparisons", "binary", "bitwise"), 0.4),
+)
+
+TARGET_TOKENS = 1500
+
+
+def build_prompt(case: RetrievalCase, tokenizer, target_tokens: int = TARGET_TOKENS) -> list[int]:
+    """Chat-formatted token ids: real text of about `target_tokens` tokens with the fact inserted at
+    `case.depth`, then the question."""
+    paragraphs = [p.strip() for name in case.topics for p in topics[name].split("\n\n") if p.strip()]
+    text, kept = [], 0
+    for paragraph in paragraphs:
+        size = len(tokenizer(paragraph, add_special_tokens=False).input_ids)
+        if kept + size > target_tokens:
+            break
+        text.append(paragraph)
+        kept += size
+    text.insert(max(1, round(len(text) * case.depth)), case.fact)
+    content = "Read the document and answer the question.\n\n" + "\n\n".join(text)
+    content += f"\n\nQuestion: {case.question} Answer in a few words."
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"]
+
+
+def answers(model, tokenizer, make_cache, cases=RETRIEVAL_CASES, max_new_tokens: int = 12) -> list[bool]:
+    """Greedy answers with a fresh cache per case (`make_cache()` -> Cache or None); True where the
+    expected answer appears in the output."""
+    results = []
+    for case in cases:
+        ids = torch.tensor([build_prompt(case, tokenizer)])
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, cache=make_cache(),
+                             pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        results.append(case.answer.lower() in text.lower())
+    return results
+
+
+def count_answered(model, tokenizer, make_cache, cases=RETRIEVAL_CASES) -> int:
+    return sum(answers(model, tokenizer, make_cache, cases))
