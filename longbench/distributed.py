@@ -87,5 +87,23 @@ def spawn_local(argv: list[str], workers: int) -> int:
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(workers),
                    LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, "-m", "kvpress.cli", *argv], env=env))
-    codes = [p.wait() for p in procs]
-    return max(codes, key=abs)
+    return _wait_all(procs)
+
+
+def _wait_all(procs) -> int:
+    """Wait for every process; if one fails, stop the others (they would wait at a barrier forever)."""
+    import time
+
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            for p, code in zip(procs, codes):
+                if code is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.2)

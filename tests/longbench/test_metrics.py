@@ -46,7 +46,6 @@ def test_official_e_bucket_edges(metric_cases):
 
 def test_rouge_recursion_failure_is_zero_and_counted(metric_cases):
     case = next(c for c in metric_cases["metric_cases"] if c["id"] == "rouge_recursion_identical_1200")
-    assert metrics.rouge_detail(case["prediction"], case["ground_truth"]) == (0.0, "recursion")
     task = resolve_config("gov_report").task
     sample = score_sample(task, case["prediction"], [case["ground_truth"]])
     assert sample.score == 0.0 and sample.rouge_recursion

@@ -197,3 +197,11 @@ def test_end_to_end_with_an_eviction_policy(tiny_model_dir, tmp_path):
           "--tasks", "passage_count", "--policy", "snapkv:budget=64,window=8", "--out", str(out)])
     rows = json.loads((out / "result.json").read_text())["rows"]
     assert rows[0]["kv_slots_kept"] < rows[0]["prompt_tokens"]
+
+
+def test_local_workers_option_shards_and_merges(tiny_model_dir, tmp_path):
+    out = tmp_path / "workers"
+    _cli(["--model", str(tiny_model_dir), "--data", "sample", "--tasks", "passage_count", "--limit", "3",
+          "--workers", "2", "--no-progress", "--out", str(out)])
+    ids = [json.loads(line)["_id"] for line in (out / "predictions" / "passage_count.jsonl").read_text().splitlines()]
+    assert ids == [f"sample-passage_count-{i:02d}" for i in range(3)]
