@@ -3,7 +3,8 @@
 Triton is optional (`pip install kvprune[triton]`); without it every dispatch function runs the
 PyTorch reference. Under `TRITON_INTERPRET=1` the kernels run on CPU tensors (tests do this); there
 `tl.dot` on bf16 operands returns garbage, so the kernels upcast their operands to fp32
-(integration-notes.md section 6).
+(integration-notes.md section 6). Kernels call no other `@triton.jit` function: a helper decorated
+before `TRITON_INTERPRET=1` was set cannot be called from an interpreted kernel.
 """
 
 from __future__ import annotations
@@ -65,13 +66,3 @@ def multiprocessors(device: torch.device) -> int:
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
-
-if HAS_TRITON:
-
-    @triton.jit
-    def apply_softcap(logits, softcap, HAS_SOFTCAP: tl.constexpr):
-        """`tanh(x / c) * c` written with `exp` (1 - 2 / (exp(2y) + 1)), which the interpreter has."""
-        if HAS_SOFTCAP:
-            y = logits / softcap
-            logits = (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)) * softcap
-        return logits

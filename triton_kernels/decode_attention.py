@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from kvpress.triton_kernels._common import (
     HAS_TRITON,
-    apply_softcap,
     kernel_flags,
     multiprocessors,
     next_power_of_2,
@@ -227,7 +226,8 @@ if HAS_TRITON:
             if UPCAST:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_G, BLOCK_N]
-            s = apply_softcap(s, softcap, HAS_SOFTCAP)
+            if HAS_SOFTCAP:  # tanh(s / c) * c, written with exp (the interpreter has no tanh)
+                s = (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * softcap
             slot_ok = n_ok & (tl.load(m_base + n * stride_ms, mask=n_ok, other=0) != 0)
             s = tl.where(slot_ok[None, :], s, float("-inf"))
             if WANT_MASS:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 from kvpress.triton_kernels._common import (
     HAS_TRITON,
-    apply_softcap,
     interpreting,
     kernel_flags,
     next_power_of_2,
@@ -282,7 +281,8 @@ if HAS_TRITON:
             if UPCAST:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_M, BLOCK_N]
-            s = apply_softcap(s, softcap, HAS_SOFTCAP)
+            if HAS_SOFTCAP:  # tanh(s / c) * c, written with exp (the interpreter has no tanh)
+                s = (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * softcap
             slot_ok = n_ok & (tl.load(m_base + n * stride_ms, mask=n_ok, other=0) != 0)
             allowed = slot_ok[None, :] & (n[None, :] <= offset + i[:, None])
             s = tl.where(allowed, s, float("-inf"))
@@ -362,7 +362,8 @@ if HAS_TRITON:
                     keep = tl.load(QUERY_VALID + b * stride_qvb + i * stride_qvm, mask=i_ok, other=0) != 0
                     row_weight = tl.where(keep, row_weight, 0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_M, BLOCK_N]
-                s = apply_softcap(s, softcap, HAS_SOFTCAP)
+                if HAS_SOFTCAP:  # tanh(s / c) * c, written with exp (the interpreter has no tanh)
+                    s = (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * softcap
                 allowed = slot_ok[None, :] & (n[None, :] <= offset + i[:, None])
                 p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
                 mass += tl.sum(p * row_weight[:, None], axis=0)
