@@ -156,7 +156,7 @@ def _decode_eviction(policy) -> bool | None:
         return None
     try:
         return bool(policy.evicts_during("decode"))
-    except Exception:
+    except (AttributeError, TypeError, NotImplementedError):
         return None
 
 

@@ -133,7 +133,7 @@ def _hub_file(repo: str, filename: str) -> str:
         raise DataError("the hub source needs huggingface_hub: pip install 'kvprune[hub]'") from None
     try:
         return hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset")
-    except Exception as err:  # network, auth or missing file: say what failed
+    except Exception as err:  # noqa: BLE001 -- network, auth or missing file: say what failed
         raise DataError(f"cannot download {filename} from the hub dataset {repo}: {err}") from None
 
 

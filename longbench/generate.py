@@ -8,8 +8,8 @@ stops every task, SAMSum also stops at the newline token and may not stop on its
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -85,12 +85,12 @@ def generate(model, tokenizer, input_ids: list[int], settings: GenerationSetting
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     cache = make_cache() if make_cache is not None else None
-    kwargs = dict(
-        attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens, do_sample=False,
-        num_beams=1, eos_token_id=stop_token_ids(model, tokenizer, settings.stop_at_newline),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        temperature=None, top_p=None, top_k=None,
-    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = {
+        "attention_mask": torch.ones_like(ids), "max_new_tokens": settings.max_new_tokens, "do_sample": False,
+        "num_beams": 1, "eos_token_id": stop_token_ids(model, tokenizer, settings.stop_at_newline),
+        "pad_token_id": pad, "temperature": None, "top_p": None, "top_k": None,
+    }
     if settings.min_new_tokens:
         kwargs["min_new_tokens"] = settings.min_new_tokens
     if cache is not None:

@@ -18,7 +18,7 @@ import logging
 import re
 import string
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 CODE_SIM_BACKEND = "difflib (fuzzywuzzy 0.18.0 ratio semantics)"
 
@@ -76,7 +76,7 @@ def rouge_detail(prediction: str, ground_truth: str) -> tuple[float, str | None]
         scores = Rouge().get_scores([prediction], [ground_truth], avg=True)
     except RecursionError:
         return 0.0, "recursion"
-    except Exception:  # the official scorer catches everything (empty hypothesis included)
+    except Exception:  # noqa: BLE001 -- the official scorer catches everything (empty hypothesis too)
         return 0.0, "error"
     return scores["rouge-l"]["f"], None
 
@@ -136,7 +136,7 @@ def fuzz_ratio(a: str, b: str) -> int:
         return 100
     if not a or not b:
         return 0
-    return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
+    return round(100 * difflib.SequenceMatcher(None, a, b).ratio())
 
 
 def first_code_line(prediction: str) -> str:

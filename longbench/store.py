@@ -120,8 +120,7 @@ class RunStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         tmp.replace(path)
         for extra in self.task_files(task)[1:]:
             extra.unlink()
@@ -135,7 +134,7 @@ class PredictionWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(path)
         self.path = path
-        self.handle = open(path, "a", encoding="utf-8")
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- held for the whole task
 
     def write(self, record: dict) -> None:
         self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -145,7 +144,7 @@ class PredictionWriter:
     def close(self) -> None:
         self.handle.close()
 
-    def __enter__(self) -> PredictionWriter:
+    def __enter__(self) -> PredictionWriter:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

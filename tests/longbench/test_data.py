@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kvpress.longbench import build_sample, data
-from kvpress.longbench.tasks import parse_task_list, resolve_config, tasks, all_config_names
+from kvpress.longbench.tasks import all_config_names, parse_task_list, resolve_config, tasks
 
 DATA = Path(__file__).parent / "data"
 V1 = {"input": "q", "context": "c", "answers": ["a"], "length": 3, "dataset": "hotpotqa", "language": "en",
@@ -114,3 +113,25 @@ def test_sample_references_are_answerable():
                     reason="the sample was built from another Python version's files")
 def test_sample_rebuilds_identically():
     assert build_sample.main(["--check"]) == 0
+
+
+def test_hub_source_reads_the_config_from_data_zip(tmp_path, monkeypatch):
+    import zipfile
+
+    import huggingface_hub
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("data/trec.jsonl", json.dumps(V1) + "\n")
+        zf.writestr("data/trec_e.jsonl", json.dumps(dict(V1, _id="e")) + "\n")
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type):
+        calls.append((repo_id, filename, repo_type))
+        return str(archive)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert [r["_id"] for r in data.DataSource("hub").load(resolve_config("trec"))] == ["x1"]
+    assert calls == [("THUDM/LongBench", "data.zip", "dataset")]
+    with pytest.raises(data.DataError, match="holds no qasper.jsonl"):
+        data.DataSource("hub").load(resolve_config("qasper"))

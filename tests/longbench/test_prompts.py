@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-
 from kvpress.longbench import prompts
 from kvpress.longbench.tasks import resolve_config, tasks
-
-from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
 

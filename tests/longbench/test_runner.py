@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kvpress.longbench import runner
 from kvpress.longbench.data import DataSource
 from kvpress.longbench.report import score_run, write_reports
@@ -46,7 +45,7 @@ def tiny(tiny_model_dir):
 
 
 def settings(**changes) -> runner.RunSettings:
-    base = dict(model="tiny", tasks=TASKS.split(","), max_length=MAX_LENGTH, data="dir")
+    base = {"model": "tiny", "tasks": TASKS.split(","), "max_length": MAX_LENGTH, "data": "dir"}
     base.update(changes)
     return runner.RunSettings(**base)
 
@@ -151,7 +150,7 @@ def _cli_env() -> dict:
 
 def _cli(args: list[str], launcher: list[str] | None = None, timeout: int = 300):
     cmd = (launcher or [sys.executable, "-m", "kvpress.longbench"]) + args
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=timeout, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -201,7 +200,7 @@ def test_end_to_end_with_an_eviction_policy(tiny_model_dir, tmp_path):
 
 def test_local_workers_option_shards_and_merges(tiny_model_dir, tmp_path):
     out = tmp_path / "workers"
-    _cli(["--model", str(tiny_model_dir), "--data", "sample", "--tasks", "passage_count", "--limit", "3",
+    _cli(["--model", str(tiny_model_dir), "--data", "sample", "--tasks", "passage_count", "--limit", "2",
           "--workers", "2", "--no-progress", "--out", str(out)])
     ids = [json.loads(line)["_id"] for line in (out / "predictions" / "passage_count.jsonl").read_text().splitlines()]
-    assert ids == [f"sample-passage_count-{i:02d}" for i in range(3)]
+    assert ids == [f"sample-passage_count-{i:02d}" for i in range(2)]
