@@ -1,0 +1,46 @@
+"""Helpers shared by the score wrappers and budget schedules (not a policy)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def shift_nonnegative(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Shift each (row, head) of `scores [B, H, P]` up by its most negative score over `mask`, so
+    scores that are used multiplicatively (value norms, decay, normalisation) keep their order.
+    Heads whose masked scores are already >= 0 are returned unchanged."""
+    lowest = torch.where(mask, scores, torch.zeros_like(scores)).amin(dim=-1, keepdim=True)  # [B, H, 1]
+    return scores - lowest.clamp(max=0.0)
+
+
+def pruned_layer_index(layer) -> tuple[int, int]:
+    """`(index, count)` of `layer` among the pruned layers of its cache (sliding-window layers keep
+    transformers' own cache and are not counted)."""
+    from kvpress.cache import PrunedLayer
+
+    pruned = [other for other in layer.cache.layers if isinstance(other, PrunedLayer)]
+    index = next(i for i, other in enumerate(pruned) if other is layer)
+    return index, len(pruned)
+
+
+def linear_layer_counts(mean: torch.Tensor, room: torch.Tensor, index: int, count: int,
+                        ratio: float) -> torch.Tensor:
+    """Slots of layer `index` out of `count` under a linearly decreasing schedule whose mean over
+    layers is `mean` (PyramidKV's pyramid): `hi = 2*mean - lo`, `lo = mean / ratio`, and when `hi`
+    exceeds `room` (slots a layer can hold), `hi = room`, `lo = 2*mean - hi`. Layer budgets are the
+    integer differences of the cumulative real-valued schedule, so they sum to `count * mean` exactly
+    for integer means. `mean`, `room`: long tensors of one shape; returns long, same shape."""
+    if count == 1:
+        return mean
+    mean, room = mean.double(), room.double()
+    lo = mean / ratio
+    hi = 2 * mean - lo
+    over = hi >= room
+    hi = torch.where(over, room, hi)
+    lo = torch.where(over, 2 * mean - hi, lo)
+    step = (hi - lo) / (count - 1)
+
+    def cumulative(i: int) -> torch.Tensor:  # sum of the first i layer budgets
+        return torch.floor(i * hi - step * (i * (i - 1) / 2) + 1e-6)
+
+    return (cumulative(index + 1) - cumulative(index)).long()

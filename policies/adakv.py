@@ -1,0 +1,62 @@
+"""AdaKV: head-adaptive budgets inside each layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress.policy import Selection, Wrapper, top_k_selection
+
+
+@dataclass
+class AdaKV(Wrapper):
+    """Let the KV heads of a layer share their budget: one top-k over the candidate slots of all
+    heads, so heads whose attention is concentrated give slots to heads whose attention is spread.
+
+    Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient
+    LLM Inference", arXiv 2407.11550; KVCache-Factory / `FFY0/AdaKV`. With `C_h` the inner policy's
+    slots for head `h` outside its protected ones (window, sinks), take the top `sum_h C_h` inner
+    scores over the flattened `[Hkv, P]` candidates of the layer, count `n_h` per head, floor it:
+    `n_h <- round(n_h (1 - floor) + floor * C_h)`, and let head `h` keep its top `n_h` plus its
+    protected slots. Default `floor = 0.2` (KVCache-Factory). The per-head counts differ; the cache
+    keeps `max_h` slots per head and masks the surplus. Sums over the heads are within `Hkv / 2` of
+    the uniform total (rounding). Scores are compared across heads as the inner policy gives them
+    (attention mass summed over each group: every head sums the same number of query rows).
+    Put AdaKV outermost: a wrapper around it sees its counts but uses the base trigger.
+    """
+
+    floor: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
+            raise ValueError(f"AdaKV: floor must be a float in [0, 1], got {self.floor!r}")
+
+    def keep_counts(self, layer) -> torch.Tensor:
+        uniform = self.inner.keep_counts(layer)  # [B, Hkv]
+        protected = self.protected(layer)
+        candidates = layer.valid & ~protected  # [B, Hkv, P]
+        fixed = protected.sum(dim=-1)  # [B, Hkv]
+        free = (uniform - fixed).clamp(min=0)  # C_h
+        batch, heads, slots = candidates.shape
+        scores = self.inner.score(layer).float()
+        ranked = torch.where(candidates, scores, torch.finfo(torch.float32).min).flatten(1)  # [B, Hkv*P]
+        # ties go to the later slot, as in top_k_selection
+        order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)
+        positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(-1, order, positions)
+        rank = rank.flip(-1).view(batch, heads, slots)
+        chosen = candidates & (rank < free.sum(dim=-1)[:, None, None])
+        counts = chosen.sum(dim=-1).double()  # n_h
+        floored = torch.round(counts * (1 - self.floor) + self.floor * free.double()).long()
+        return torch.minimum(floored, candidates.sum(dim=-1)) + fixed
+
+    def select(self, layer, slack: int = 0) -> Selection | None:
+        held = layer.valid.sum(dim=(-1, -2))  # [B]
+        allowed = self.inner.keep_counts(layer).sum(dim=-1) + slack * layer.num_heads
+        if bool((held <= allowed).all()):
+            return None
+        counts = self.keep_counts(layer)
+        return top_k_selection(self.score(layer).float(), layer.valid, self.protected(layer), counts,
+                               int(counts.max()))

@@ -1,0 +1,41 @@
+"""PyramidKV: more slots in low layers, fewer in high layers, same total."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
+from kvpress.policy import Wrapper
+
+
+@dataclass
+class PyramidKV(Wrapper):
+    """Pyramidal per-layer budgets over any policy's scores (SnapKV in the paper): layer `l` of `L`
+    keeps `hi - l*(hi - lo)/(L-1)` slots outside the window, with `lo = C/beta`, `hi = 2C - lo`,
+    `C = budget - window` the uniform budget, so the mean over layers equals the uniform budget.
+    When `hi` would exceed what a layer holds (`seen - window`), `hi` is capped and `lo = 2C - hi`.
+
+    Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
+    arXiv 2406.02069; KVCache-Factory `PyramidKVCluster`. Default `beta = 20` (the paper's).
+    The inner policy scores and protects; only the per-layer count changes. Layer budgets are the
+    differences of the cumulative schedule rounded down, so their sum equals `L * C` exactly
+    [our choice]. The reference falls back to uniform budgets when the prompt is shorter than `2C`;
+    here the cap above handles short prompts (NVIDIA kvpress) [our choice].
+    """
+
+    beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
+            raise ValueError(f"PyramidKV: beta must be a number >= 1 (top/bottom budget ratio), got {self.beta!r}")
+
+    def keep_counts(self, layer) -> torch.Tensor:
+        uniform = self.inner.keep_counts(layer)  # [B, Hkv]
+        index, count = pruned_layer_index(layer)
+        window = uniform.clamp(max=self.window)  # [B, Hkv]
+        room = layer.real_seen[:, None] - window
+        free = linear_layer_counts(uniform - window, room, index, count, float(self.beta))
+        return torch.minimum(free + window, layer.real_seen[:, None])

@@ -1,0 +1,185 @@
+"""SpAtten: cascade token and head pruning with scores shared across layers."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
+from kvpress.policy import AttentionRequest, Policy, Selection, top_k_selection
+
+NEVER = torch.iinfo(torch.long).max
+
+
+class CascadeState:
+    """What SpAtten remembers for one cache, shared by all its layers (indexed by real position).
+
+    tokens `[B, N + 1]` fp32: cumulative attention each token received, summed over heads, query rows,
+    layers and steps (slot `N` collects padding). gone_from `[B, N + 1]` long: lowest pruned-layer
+    index that evicted the token (`NEVER` if none); the token may not stay in any layer above it.
+    heads `[B, Hkv]` fp32: cumulative L1 magnitude of each KV head's attention output (its query
+    heads summed). dropped: per pruned-layer index, `[B, Hkv]` bool heads pruned from that layer on.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+        self.gone_from: torch.Tensor | None = None
+        self.heads: torch.Tensor | None = None
+        self.dropped: dict[int, torch.Tensor] = {}
+
+    def ensure(self, layer) -> None:
+        """Grow the position-keyed tensors to the tokens seen; column `N` (the last) collects padding."""
+        batch, heads = layer.valid.shape[:2]
+        if self.tokens is None:
+            device = layer.valid.device
+            self.tokens = torch.zeros(batch, 1, device=device)
+            self.gone_from = torch.full((batch, 1), NEVER, dtype=torch.long, device=device)
+            self.heads = torch.zeros(batch, heads, device=device)
+        have, need = self.tokens.shape[1], int(layer.real_seen.max()) + 1
+        if need > have:  # the old padding column becomes a position column
+            self.tokens = torch.cat([self.tokens[:, :have - 1], self.tokens.new_zeros(batch, need - have + 1)], 1)
+            self.gone_from = torch.cat([self.gone_from[:, :have - 1],
+                                        self.gone_from.new_full((batch, need - have + 1), NEVER)], 1)
+
+    def slot_index(self, layer) -> torch.Tensor:
+        """`[B, Hkv * P]` index into the position-keyed tensors (padding -> the last column)."""
+        pad = self.tokens.shape[1] - 1
+        return torch.where(layer.positions >= 0, layer.positions, pad).flatten(1)
+
+    def absorb(self, layer, output: torch.Tensor | None) -> None:
+        mass = torch.where(layer.valid, layer.scores, 0.0).flatten(1)  # this forward's attention, [B, Hkv*P]
+        self.tokens.scatter_add_(1, self.slot_index(layer), mass)
+        if output is not None:  # [B, q, Hq, D]
+            per_query_head = output.float().abs().sum(dim=(1, 3))  # [B, Hq]
+            self.heads += per_query_head.view(self.heads.shape[0], self.heads.shape[1], -1).sum(-1)
+
+    def held_below(self, layer, index: int) -> torch.Tensor:
+        """`[B, Hkv, P]`: the slot's token was not evicted from any lower layer."""
+        return self.gone_from.gather(1, self.slot_index(layer)).view_as(layer.valid) > index
+
+    def record(self, layer, selection: Selection, index: int) -> None:
+        """Tokens this layer held but did not keep are gone from it and every layer above."""
+        where = self.slot_index(layer)
+        held = torch.zeros_like(self.gone_from).scatter_reduce_(1, where, layer.valid.flatten(1).long(), "amax")
+        kept_where = where.gather(1, selection.indices.flatten(1) + _head_offsets(layer, selection))
+        kept = torch.zeros_like(self.gone_from).scatter_reduce_(1, kept_where, selection.valid.flatten(1).long(),
+                                                                 "amax")
+        evicted = (held > 0) & (kept == 0)
+        self.gone_from = torch.where(evicted, self.gone_from.clamp(max=index), self.gone_from)
+
+
+def _head_offsets(layer, selection: Selection) -> torch.Tensor:
+    """Offsets turning per-head slot indices `[B, Hkv, K]` into indices of the flattened `[B, Hkv*P]`."""
+    heads, slots = layer.valid.shape[1], layer.valid.shape[2]
+    offsets = torch.arange(heads, device=layer.valid.device)[:, None] * slots  # [Hkv, 1]
+    return offsets.expand(-1, selection.indices.shape[-1]).flatten()[None]
+
+
+@dataclass
+class SpAtten(Policy):
+    """Cascade token pruning and cascade head pruning on importance accumulated across layers and steps.
+
+    Wang, Zhang and Han, "SpAtten: Efficient Sparse Attention Architecture with Cascade Token and Head
+    Pruning", arXiv 2012.09852. Token score `s_t += sum_h sum_q A^(l)[h, q, t]` after every layer and
+    every decoding step, one score per token shared by all layers. Layer `l` keeps the top `k_l`
+    tokens, `k_l` non-increasing with depth, and a token pruned at layer `l` never returns: it is
+    evicted from every layer above too ("cascade"). Head score `s_h += sum_{t,d} |O^(l)[h, t, d]|`
+    (magnitude of the head's attention output) over layers and steps; at layer `l` the least important
+    heads are pruned for that layer and all above, cascaded the same way.
+
+    Mapping onto a KV cache [our choice, docs/policies.md]: token pruning is eviction of the token's
+    key and value, the same tokens in every KV head of a layer. Hidden states of pruned prompt tokens
+    still pass the layers of the prefill forward (SpAtten would skip them: a compute saving, not a
+    cache one). Head pruning acts on KV heads (with GQA a KV head and its query heads go together,
+    scored by the sum of its query heads' output magnitudes): a pruned head's slots are invalidated
+    and zeroed, later tokens are not stored in it and its query heads output zeros
+    (`PrunedLayer.drop_heads`). Heads are pruned when a layer first compacts (end of prefill) and stay
+    pruned. Progressive quantization (attention from the MSBs of Q/K, LSBs fetched only for flat
+    softmax rows) and local value pruning save DRAM traffic, not cache contents: they are not part of
+    this policy; the cache-size side of quantization is the library's KV quantization.
+
+    Schedules [our choice; the paper tunes them per task]: `budget` is the mean per layer; layer
+    budgets decrease linearly (PyramidKV's schedule with `token_beta`: the last layer keeps
+    `budget / token_beta` outside the window, the first `2 budget - budget / token_beta`, capped by
+    the tokens seen). Heads: every layer keeps all KV heads up to the middle of the stack, then the
+    kept count falls linearly to `ceil(head_keep * Hkv)` at the last layer. A recent window of 16
+    is kept (as H2O in this library), so a new token is not evicted before it can accumulate
+    attention. State: see `CascadeState`; one per cache, do not reorder batch rows (beam search).
+    """
+
+    budget: int | float = 0.25
+    window: int = 16
+    token_beta: float = 3.0
+    head_keep: float = 0.5
+    _states: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False,
+                                               repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.token_beta, bool) or not isinstance(self.token_beta, (int, float)) or self.token_beta < 1:
+            raise ValueError(f"SpAtten: token_beta must be a number >= 1, got {self.token_beta!r}")
+        if isinstance(self.head_keep, bool) or not isinstance(self.head_keep, (int, float)) \
+                or not 0 < self.head_keep <= 1:
+            raise ValueError(f"SpAtten: head_keep must be a float in (0, 1], got {self.head_keep!r}")
+
+    def request(self, phase: str) -> AttentionRequest:
+        return AttentionRequest(rows=None, accumulate=False)  # this forward's mass; the sum lives in the state
+
+    def state(self, layer) -> CascadeState:
+        if layer.cache not in self._states:
+            self._states[layer.cache] = CascadeState()
+        return self._states[layer.cache]
+
+    def heads_kept(self, heads: int, index: int, count: int) -> int:
+        """KV heads kept by pruned layer `index` of `count`: all up to the middle, then linearly fewer."""
+        fewest = max(1, math.ceil(self.head_keep * heads))
+        middle = (count - 1) / 2
+        if count == 1 or index <= middle:
+            return heads
+        return heads - round((heads - fewest) * (index - middle) / (count - 1 - middle))
+
+    def score(self, layer) -> torch.Tensor:
+        state = self.state(layer)
+        return state.tokens.gather(1, state.slot_index(layer)).view_as(layer.scores)
+
+    def keep_counts(self, layer) -> torch.Tensor:
+        index, count = pruned_layer_index(layer)
+        mean = super().keep_counts(layer)  # [B, Hkv]
+        window = mean.clamp(max=self.window)
+        per_layer = linear_layer_counts(mean - window, layer.real_seen[:, None] - window, index, count,
+                                        float(self.token_beta)) + window
+        dropped = self.state(layer).dropped.get(index)
+        return per_layer if dropped is None else per_layer.masked_fill(dropped, 0)
+
+    def prune_heads(self, layer, state: CascadeState, index: int, count: int) -> torch.Tensor:
+        """`[B, Hkv]` heads pruned from layer `index` on: those below it plus the least important."""
+        if index not in state.dropped:
+            heads = layer.num_heads
+            below = state.dropped.get(index - 1, torch.zeros_like(state.heads, dtype=torch.bool))
+            keep = min(self.heads_kept(heads, index, count), heads - int(below.sum(-1).max()))
+            ranked = state.heads.masked_fill(below, -math.inf)
+            order = ranked.argsort(dim=-1, descending=True, stable=True)  # [B, Hkv]
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(heads, device=order.device).expand_as(order))
+            state.dropped[index] = below | (rank >= keep)
+        return state.dropped[index]
+
+    def select(self, layer, slack: int = 0) -> Selection | None:
+        state = self.state(layer)
+        state.ensure(layer)
+        index, count = pruned_layer_index(layer)
+        state.absorb(layer, getattr(layer, "attention_output", None))
+        dropped = self.prune_heads(layer, state, index, count)
+        if bool(dropped.any()):
+            layer.drop_heads(dropped)
+        below = state.held_below(layer, index)  # [B, Hkv, P]
+        counts = self.keep_counts(layer)
+        kept = min(int(counts.max()), layer.num_slots)  # a cascade can leave a layer under its budget
+        if layer.num_slots <= kept + slack and bool((below | ~layer.valid).all()):
+            return None
+        selection = top_k_selection(self.score(layer), layer.valid & below, self.protected(layer) & below,
+                                    counts, kept)
+        state.record(layer, selection, index)
+        return selection

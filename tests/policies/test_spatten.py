@@ -1,0 +1,81 @@
+import torch
+from policy_helpers import eager_reference, prefill, tiny_model, token_ids
+
+from kvpress import PrunedCache
+from kvpress.policies import SpAtten
+
+
+def head_output_magnitude(attention, values, kv_heads):
+    """`sum_{t,d} |O[h, t, d]|` per query head from the full matrix, summed over each KV group: `[B, Hkv]`."""
+    batch, heads = attention.shape[:2]
+    group = heads // kv_heads
+    out = torch.einsum("bhts,bhsd->bhtd", attention, values.repeat_interleave(group, dim=1))
+    return out.abs().sum(dim=(2, 3)).view(batch, kv_heads, group).sum(-1)
+
+
+def test_token_scores_accumulate_over_heads_layers_and_steps():
+    model, ids, extra = tiny_model(layers=3), token_ids(20), token_ids(3, seed=2)
+    policy = SpAtten(budget=1.0, window=0, head_keep=1.0)
+    cache = prefill(model, ids, policy, extra)
+    reference = eager_reference(model, torch.cat([ids, extra], 1))
+    # every query row of every step adds its attention, in every layer and head
+    expected = sum(att.sum(dim=(1, 2)) for att, _, _ in reference)[0]  # [T]
+    state = policy.state(cache.layers[0])
+    torch.testing.assert_close(state.tokens[0, :23].double(), expected, rtol=1e-4, atol=1e-4)
+    heads = sum(head_output_magnitude(att, values, 2) for att, _, values in reference)
+    torch.testing.assert_close(state.heads.double(), heads, rtol=1e-4, atol=1e-3)
+
+
+def test_cascade_upper_layers_keep_a_subset_of_lower_layers():
+    model, ids = tiny_model(layers=4), token_ids(40)
+    cache = prefill(model, ids, SpAtten(budget=0.4, window=2, head_keep=1.0), extra=token_ids(6, seed=3))
+    held = [set(layer.positions[0, 0][layer.valid[0, 0]].tolist()) for layer in cache.layers]
+    for lower, upper in zip(held, held[1:]):
+        assert upper <= lower
+    counts = [len(h) for h in held]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    for layer in cache.layers:  # token pruning: every KV head keeps the same tokens
+        assert torch.equal(layer.positions[0, 0][layer.valid[0, 0]], layer.positions[0, 1][layer.valid[0, 1]])
+
+
+def test_prunes_the_least_important_head_from_its_layer_on():
+    model, ids = tiny_model(layers=4, heads=4, kv_heads=2), token_ids(24)
+    policy = SpAtten(budget=1.0, window=0, head_keep=0.5)
+    cache = prefill(model, ids, policy)
+    # layers 0-2 keep both heads; layer 3 keeps one: the larger output magnitude over layers 0-3
+    assert [policy.heads_kept(2, index, 4) for index in range(4)] == [2, 2, 2, 1]
+    reference = eager_reference(model, ids)
+    importance = sum(head_output_magnitude(att, values, 2) for att, _, values in reference)[0]
+    weakest = int(importance.argmin())
+    for index, layer in enumerate(cache.layers):
+        stored = layer.valid[0].any(-1).tolist()
+        assert stored == ([True, True] if index < 3 else [h != weakest for h in range(2)])
+
+
+def test_pruned_heads_are_no_longer_stored_or_attended_and_the_model_generates():
+    model, ids = tiny_model(layers=4, heads=4, kv_heads=2), token_ids(30)
+    policy = SpAtten(budget=0.5, window=2, head_keep=0.5)
+    outputs = []
+    hook = model.model.layers[3].self_attn.o_proj.register_forward_pre_hook(
+        lambda module, args: outputs.append(args[0].detach().clone()))
+    cache = PrunedCache(policy)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
+    hook.remove()
+    assert out.shape == (1, 36)
+    layer = cache.layers[3]
+    dropped = ~layer.valid[0].any(-1)  # [Hkv]
+    assert int(dropped.sum()) == 1
+    head = int(dropped.nonzero()[0])
+    assert layer.dropped_heads[0].tolist() == dropped.tolist()
+    for step in outputs[1:]:  # decoding steps: the pruned KV head's query heads output zeros
+        per_head = step.view(1, 1, 4, 16)
+        assert per_head[0, 0, 2 * head: 2 * head + 2].abs().max() == 0
+        assert per_head[0, 0, 2 * (1 - head): 2 * (1 - head) + 2].abs().max() > 0
+
+
+def test_state_is_per_cache():
+    model, ids = tiny_model(), token_ids(20)
+    policy = SpAtten(budget=0.5, window=2)
+    first = prefill(model, ids, policy)
+    second = prefill(model, ids, policy)
+    torch.testing.assert_close(policy.state(first.layers[0]).tokens, policy.state(second.layers[0]).tokens)
