@@ -204,3 +204,23 @@ def test_local_workers_option_shards_and_merges(tiny_model_dir, tmp_path):
           "--workers", "2", "--no-progress", "--out", str(out)])
     ids = [json.loads(line)["_id"] for line in (out / "predictions" / "passage_count.jsonl").read_text().splitlines()]
     assert ids == [f"sample-passage_count-{i:02d}" for i in range(2)]
+
+
+def test_longbench_v2_run_and_breakdown(tiny, tmp_path):
+    records = [{"_id": f"v{i}", "domain": "Single-Document QA", "sub_domain": "x", "difficulty": d, "length": n,
+                "question": "Which letter?", "choice_A": "a", "choice_B": "b", "choice_C": "c", "choice_D": "d",
+                "answer": "A", "context": "word " * 80} for i, (d, n) in enumerate([("easy", "short"), ("hard", "long")])]
+    folder = tmp_path / "v2data"
+    folder.mkdir()
+    (folder / "data.json").write_text(json.dumps(records))
+    model, tokenizer = tiny
+    out = tmp_path / "v2run"
+    assert runner.run(runner.RunSettings(model="tiny", tasks=["v2"], max_length=64, data="dir"),
+                      parse_task_list("v2"), DataSource("dir", str(folder)), model, tokenizer, None, out,
+                      progress=False)
+    preds = predictions(out)["v2.jsonl"]
+    assert [p["_id"] for p in preds] == ["v0", "v1"]
+    assert all(p["templated"] and p["truncated"] and p["new_tokens"] <= 128 for p in preds)
+    result = score_run(out)
+    assert set(result["v2"]) >= {"overall", "easy", "hard", "short", "medium", "long", "unanswered"}
+    assert result["v2"]["samples"] == 2 and result["rows"][0]["metric"] == "accuracy"
