@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import left_pad, random_ids, tiny_model
+from tiny_models import left_pad, random_ids, tiny_model
 
 from kvpress import PrunedCache
 from kvpress.policies import H2O, TOVA, SnapKV, StreamingLLM

@@ -3,7 +3,7 @@ positions of kept slots are the true positions (their keys equal the full cache'
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model
 from transformers import DynamicCache
 
 from kvpress import PrunedCache, PrunedLayer

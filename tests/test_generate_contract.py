@@ -3,7 +3,7 @@ search alignment, refused assisted decoding and cropping, bypass detection, clea
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model
 from transformers import DynamicCache, FalconConfig, FalconForCausalLM
 
 from kvpress import PrunedCache

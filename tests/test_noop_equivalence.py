@@ -4,7 +4,7 @@ through the library's own attention (a scoring policy whose budget is every toke
 
 import pytest
 import torch
-from conftest import FAMILY_IMPL, random_ids, tiny_model
+from tiny_models import FAMILY_IMPL, random_ids, tiny_model
 from transformers import DynamicCache
 
 from kvpress import PrunedCache

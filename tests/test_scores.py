@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from conftest import random_ids, tiny_model
+from tiny_models import random_ids, tiny_model
 from transformers import DynamicCache
 
 from kvpress import PrunedCache

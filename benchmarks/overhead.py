@@ -1,0 +1,161 @@
+"""What PrunedCache costs and saves, measured side by side in one run.
+
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py [--quick]
+
+Prints, for a tiny random Llama and for SmolLM2-135M-Instruct (CPU, fp32, sdpa):
+1. decode time per token, PrunedCache without eviction vs DynamicCache (target <= 1.15x);
+2. prefill time with H2O and SnapKV scoring vs plain sdpa prefill (target <= 1.3x);
+3. decode time per token after a 4k-token prompt, H2O budget 512 vs DynamicCache (target: faster);
+4. peak extra memory of the prefill scoring pass of one layer at 2k and 8k tokens (target: linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from kvpress import PrunedCache, load_model  # noqa: E402
+from kvpress.policies import H2O, SnapKV  # noqa: E402
+from kvpress.signals import grouped_attention, row_weights  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after one warm-up."""
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def decode_per_token(model, ids, make_cache, steps: int) -> float:
+    """Seconds per decoding step after prefilling `ids` (prefill excluded)."""
+    with torch.no_grad():
+        cache = make_cache()
+        out = model(ids, cache=cache)
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / steps
+
+
+def prefill_seconds(model, ids, make_cache, repeats: int) -> float:
+    def run():
+        with torch.no_grad():
+            model(ids, cache=make_cache())
+    return timed(run, repeats)
+
+
+class PeakRSS:
+    """Peak resident memory above the starting point, sampled every millisecond."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = False
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def scoring_peak_mib(length: int, heads=9, kv_heads=3, dim=64) -> float:
+    """Peak extra memory of H2O's prefill signal (all rows) for one SmolLM2-shaped layer."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, length, dim, generator=gen)
+    k = torch.randn(1, kv_heads, length, dim, generator=gen)
+    v = torch.randn(1, kv_heads, length, dim, generator=gen)
+    valid = torch.ones(1, kv_heads, length, dtype=torch.bool)
+    weights = row_weights(length, None, 1.0, "cpu")
+    with PeakRSS() as peak:
+        grouped_attention(q, k, v, valid, scaling=dim ** -0.5, weights=weights)
+    return peak.extra_mib
+
+
+def tiny_llama():
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def row(name: str, ours: float, base: float, target: str) -> str:
+    return f"| {name} | {ours * 1e3:.2f} ms | {base * 1e3:.2f} ms | {ours / base:.2f}x | {target} |"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter prompts, fewer repeats")
+    args = parser.parse_args(argv)
+    steps, repeats = (8, 2) if args.quick else (24, 3)
+    long_prompt = 1024 if args.quick else 4096
+    lines = ["| measurement | kvpress | baseline | ratio | target |", "| --- | --- | --- | --- | --- |"]
+
+    tiny = tiny_llama()
+    smol, _ = load_model("smollm2")
+    for label, model, prompt in (("tiny Llama", tiny, 512), ("SmolLM2-135M", smol, 512)):
+        vocab = model.config.vocab_size
+        ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
+        base = statistics.median(decode_per_token(model, ids, DynamicCache, steps) for _ in range(repeats))
+        ours = statistics.median(decode_per_token(model, ids, lambda: PrunedCache(None), steps)
+                                 for _ in range(repeats))
+        lines.append(row(f"{label}: decode/token, no eviction vs DynamicCache ({prompt}-token prompt)",
+                         ours, base, "<= 1.15x"))
+
+    prompt = 1024 if args.quick else 2048
+    ids = torch.randint(3, smol.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(2))
+    base = prefill_seconds(smol, ids, DynamicCache, repeats)
+    for name, policy in (("H2O", H2O(budget=0.5)), ("SnapKV", SnapKV(budget=0.5))):
+        ours = prefill_seconds(smol, ids, lambda: PrunedCache(policy), repeats)
+        lines.append(row(f"SmolLM2-135M: prefill with {name} scoring + eviction vs sdpa ({prompt} tokens)",
+                         ours, base, "<= 1.3x"))
+
+    ids = torch.randint(3, smol.config.vocab_size, (1, long_prompt), generator=torch.Generator().manual_seed(3))
+    base = decode_per_token(smol, ids, DynamicCache, steps)
+    ours = decode_per_token(smol, ids, lambda: PrunedCache(H2O(budget=512, window=32)), steps)
+    lines.append(row(f"SmolLM2-135M: decode/token after {long_prompt} tokens, H2O budget 512 vs DynamicCache",
+                     ours, base, "< 1x (faster)"))
+
+    print("\n".join(lines))
+    print()
+    print("| prefill scoring, one SmolLM2 layer (9 q / 3 kv heads, dim 64) | peak extra MiB | naive n x n fp32 MiB |")
+    print("| --- | --- | --- |")
+    for length in (2048, 8192):
+        naive = 9 * length * length * 4 / 2**20
+        print(f"| {length} tokens | {scoring_peak_mib(length):.0f} | {naive:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
