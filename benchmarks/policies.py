@@ -1,0 +1,257 @@
+"""Every policy of the library at budgets 0.5 and 0.2 on real-model tasks (SmolLM2-135M-Instruct, CPU).
+
+Tasks, all on real text that ships with Python (`pydoc_data.topics`, the language reference):
+- passkey: a pass key sentence hidden at depth 0.2 / 0.5 / 0.8 of ~400 tokens of text; answered if the
+  greedy answer (12 tokens) contains the key;
+- fact: a one-sentence fact inserted in a ~400-token document, then a question about it;
+- agreement: the full cache's greedy continuation (48 tokens) of a request about a document is fed
+  token by token to the pruned cache; the score is the share of steps whose argmax prediction equals
+  the full cache's next token (teacher forcing, so one early mistake does not spoil the rest).
+
+`--retrieval` also counts the answers to the first retrieval prompts of `tests/retrieval.py` (1.5k tokens)
+for the full cache, H2O, SnapKV and the policies of issue 6; those counts are recorded in
+`tests/policies/test_real_model.py`.
+
+    OMP_NUM_THREADS=1 python benchmarks/policies.py [--workers 2] [--retrieval]
+
+Writes `benchmarks/RESULTS_policies.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from pydoc_data.topics import topics
+
+from kvpress import PrunedCache, load_model
+from kvpress.policies import (A2SF, CAOTE, H2O, TOVA, VATP, AdaKV, GraphKV, Knorm, PyramidKV, RandomPolicy, SnapKV,
+                              SpAtten, StreamingLLM)
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGETS = (0.5, 0.2)
+DOC_TOKENS = 400
+RETRIEVAL_CASES_USED = 3  # the first cases of tests/retrieval.py (1.5k-token prompts are slow on CPU)
+NEW_TOKENS = 48
+
+POLICIES = {
+    "full": None,
+    "h2o": lambda b: H2O(budget=b),
+    "a2sf": lambda b: A2SF(budget=b),
+    "snapkv": lambda b: SnapKV(budget=b),
+    "tova": lambda b: TOVA(budget=b),
+    "knorm": lambda b: Knorm(budget=b),
+    "streamingllm": lambda b: StreamingLLM(budget=b),
+    "random": lambda b: RandomPolicy(budget=b),
+    "vatp(h2o)": lambda b: VATP(H2O(budget=b)),
+    "vatp(snapkv)": lambda b: VATP(SnapKV(budget=b)),
+    "caote(h2o)": lambda b: CAOTE(H2O(budget=b)),
+    "caote(snapkv)": lambda b: CAOTE(SnapKV(budget=b)),
+    "graphkv(snapkv)": lambda b: GraphKV(SnapKV(budget=b)),
+    "pyramidkv(snapkv)": lambda b: PyramidKV(SnapKV(budget=b)),
+    "adakv(snapkv)": lambda b: AdaKV(SnapKV(budget=b)),
+    "spatten": lambda b: SpAtten(budget=b),
+}
+RETRIEVAL_POLICIES = ("full", "h2o", "snapkv", "a2sf", "vatp(snapkv)", "caote(snapkv)", "graphkv(snapkv)",
+                      "pyramidkv(snapkv)", "adakv(snapkv)", "spatten")
+
+PASSKEY = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_CASES = (("71432", ("for", "while", "if"), 0.2), ("50918", ("class", "function"), 0.5),
+                 ("26874", ("import", "try"), 0.8))
+FACT_CASES = (
+    ("The oldest clock in the harbour museum was built by Ingrid Vasquez.",
+     "Who built the oldest clock in the harbour museum?", "Ingrid", ("with", "raise", "return"), 0.4),
+    ("The expedition's sled dog was named Juniper.", "What was the expedition's sled dog named?", "Juniper",
+     ("assignment", "augassign", "global"), 0.6),
+)
+AGREEMENT_CASES = (("types", "typesseq", "typesseq-mutable", "typesmapping"),)
+
+
+def document(names, tokenizer, insert: str | None = None, depth: float = 0.5, tokens: int = DOC_TOKENS) -> str:
+    """About `tokens` tokens of pydoc topics, with `insert` placed at `depth` (paragraph granularity)."""
+    paragraphs = [p.strip() for name in names for p in topics[name].split("\n\n") if p.strip()]
+    text, kept = [], 0
+    for paragraph in paragraphs:
+        size = len(tokenizer(paragraph, add_special_tokens=False).input_ids)
+        if kept + size > tokens:
+            break
+        text.append(paragraph)
+        kept += size
+    if insert is not None:
+        text.insert(max(1, round(len(text) * depth)), insert)
+    return "\n\n".join(text)
+
+
+def chat(tokenizer, content: str) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    return torch.tensor([ids])
+
+
+def build_tasks(tokenizer):
+    passkey = []
+    for key, names, depth in PASSKEY_CASES:
+        text = document(names, tokenizer, PASSKEY.format(key=key), depth)
+        content = ("There is a pass key hidden in the following text. Find it and remember it.\n\n" + text
+                   + "\n\nWhat is the pass key? The pass key is")
+        passkey.append((chat(tokenizer, content), key))
+    fact = []
+    for sentence, question, answer, names, depth in FACT_CASES:
+        content = (f"Read the document and answer the question.\n\n{document(names, tokenizer, sentence, depth)}"
+                   f"\n\nQuestion: {question} Answer in a few words.")
+        fact.append((chat(tokenizer, content), answer))
+    agreement = [chat(tokenizer, "Explain in plain words what this part of the Python documentation says.\n\n"
+                      + document(names, tokenizer)) for names in AGREEMENT_CASES]
+    return passkey, fact, agreement
+
+
+@torch.no_grad()
+def teacher_forced(model, ids: torch.Tensor, continuation: list[int] | None, cache, steps: int = NEW_TOKENS):
+    """Greedy predictions at each step; with `continuation`, feed those tokens instead of the predictions."""
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    predictions = [int(out.logits[0, -1].argmax())]
+    for step in range(steps - 1):
+        token = continuation[step] if continuation is not None else predictions[-1]
+        out = model(torch.tensor([[token]]), cache=cache, use_cache=True, logits_to_keep=1)
+        predictions.append(int(out.logits[0, -1].argmax()))
+    return predictions
+
+
+def answered(model, tokenizer, ids, answer, cache, new_tokens: int = 12) -> bool:
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache=cache,
+                         pad_token_id=tokenizer.pad_token_id)
+    return answer.lower() in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower()
+
+
+_worker: dict = {}
+
+
+def _init(references):
+    torch.set_num_threads(1)
+    model, tokenizer = load_model("smollm2")
+    _worker.update(model=model, tokenizer=tokenizer, tasks=build_tasks(tokenizer), references=references)
+
+
+def make_cache(name: str, budget: float):
+    factory = POLICIES[name]
+    return None if factory is None else PrunedCache(factory(budget))
+
+
+def run_config(job):
+    name, budget = job
+    model, tokenizer = _worker["model"], _worker["tokenizer"]
+    passkey, fact, agreement = _worker["tasks"]
+    start = time.time()
+    row = {
+        "passkey": sum(answered(model, tokenizer, ids, key, make_cache(name, budget)) for ids, key in passkey)
+        / len(passkey),
+        "fact": sum(answered(model, tokenizer, ids, answer, make_cache(name, budget)) for ids, answer in fact)
+        / len(fact),
+    }
+    matches = 0
+    for ids, reference in zip(agreement, _worker["references"]):
+        predictions = teacher_forced(model, ids, reference, make_cache(name, budget))
+        matches += sum(p == r for p, r in zip(predictions, reference))
+    row["agreement"] = matches / (NEW_TOKENS * len(agreement))
+    row["seconds"] = time.time() - start
+    return name, budget, row
+
+
+def run_retrieval(job):
+    sys.path.insert(0, str(ROOT))
+    from tests.retrieval import RETRIEVAL_CASES, answers
+
+    name, budget = job
+    return name, budget, answers(_worker["model"], _worker["tokenizer"], lambda: make_cache(name, budget),
+                                 RETRIEVAL_CASES[:RETRIEVAL_CASES_USED])
+
+
+def table(results) -> list[str]:
+    lines = ["| policy | " + " | ".join(f"{task} @{b}" for b in BUDGETS for task in ("passkey", "fact", "agree"))
+             + " | mean @0.5 | mean @0.2 |",
+             "| --- |" + " ---: |" * (3 * len(BUDGETS) + 2)]
+    for name in POLICIES:
+        cells, means = [], []
+        for budget in BUDGETS:
+            row = results[(name, budget)]
+            cells += [f"{row['passkey']:.2f}", f"{row['fact']:.2f}", f"{row['agreement']:.3f}"]
+            means.append((row["passkey"] + row["fact"] + row["agreement"]) / 3)
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    return lines
+
+
+CLAIMS = (("A2SF above H2O", "a2sf", "h2o"), ("VATP above H2O", "vatp(h2o)", "h2o"),
+          ("VATP above SnapKV", "vatp(snapkv)", "snapkv"), ("GraphKV above SnapKV", "graphkv(snapkv)", "snapkv"),
+("CAOTE above H2O", "caote(h2o)", "h2o"),
+          ("CAOTE above SnapKV", "caote(snapkv)", "snapkv"))
+
+
+def claims(results) -> list[str]:
+    def mean(name, budget):
+        row = results[(name, budget)]
+        return (row["passkey"] + row["fact"] + row["agreement"]) / 3
+
+    lines = ["| claim | " + " | ".join(f"@{b} (mean, agreement)" for b in BUDGETS) + " | holds |",
+             "| --- |" + " --- |" * len(BUDGETS) + " --- |"]
+    for label, ours, base in CLAIMS:
+        cells, wins = [], 0
+        for budget in BUDGETS:
+            a, b = mean(ours, budget), mean(base, budget)
+            agree_a, agree_b = results[(ours, budget)]["agreement"], results[(base, budget)]["agreement"]
+            cells.append(f"{a:.3f} vs {b:.3f}, {agree_a:.3f} vs {agree_b:.3f}")
+            wins += a > b
+        verdict = "yes" if wins == len(BUDGETS) else ("no" if wins == 0 else "mixed")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--retrieval", action="store_true", help="also count the tests/retrieval.py answers")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_policies.md"))
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    start = time.time()
+    model, tokenizer = load_model("smollm2")
+    _, _, agreement = build_tasks(tokenizer)
+    references = [teacher_forced(model, ids, None, None) for ids in agreement]
+    jobs = [(name, budget) for name in POLICIES for budget in BUDGETS]
+    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(references,)) as pool:
+        results = {}
+        for name, budget, row in pool.map(run_config, jobs):
+            results[(name, budget)] = row
+            print(f"{name:>18} @{budget}: {row}", flush=True)
+        retrieval = {}
+        if args.retrieval:
+            jobs = [(name, budget) for name in RETRIEVAL_POLICIES for budget in BUDGETS if name != "full" or budget == 0.5]
+            for name, budget, flags in pool.map(run_retrieval, jobs):
+                retrieval[(name, budget)] = flags
+                print(f"retrieval {name:>18} @{budget}: {flags}", flush=True)
+    minutes = (time.time() - start) / 60
+    lines = ["## Policies on real-model tasks (issue 6)", "",
+             f"Command: `OMP_NUM_THREADS=1 python benchmarks/policies.py --workers {args.workers}"
+             + (" --retrieval" if args.retrieval else "") + f"` ({minutes:.1f} min on {args.workers} CPU cores).",
+             f"SmolLM2-135M-Instruct, fp32, CPU, slack 0; prompts of ~{DOC_TOKENS} tokens of `pydoc_data.topics` text; "
+             f"policy defaults except the budget (fraction of tokens kept per KV head and layer). "
+             f"passkey, fact: share of {len(PASSKEY_CASES)} / {len(FACT_CASES)} prompts answered; agree: share of "
+             f"{NEW_TOKENS * len(AGREEMENT_CASES)} teacher-forced steps whose argmax equals the full cache's; mean "
+             "of the three.", "", *table(results), "", "### Paper claims on this benchmark", "", *claims(results)]
+    if retrieval:
+        lines += ["", f"### tests/retrieval.py prompts (first {RETRIEVAL_CASES_USED} cases, ~1.5k tokens): answered", "",
+                  "| policy | @0.5 | @0.2 |", "| --- | ---: | ---: |"]
+        for name in RETRIEVAL_POLICIES:
+            cells = [str(sum(retrieval.get((name, b), retrieval.get((name, 0.5), [])))) for b in BUDGETS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
