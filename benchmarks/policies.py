@@ -25,13 +25,26 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import torch
 from pydoc_data.topics import topics
 
+import torch
+from kvpress.policies import (
+    A2SF,
+    CAOTE,
+    H2O,
+    TOVA,
+    VATP,
+    AdaKV,
+    GraphKV,
+    Knorm,
+    PyramidKV,
+    RandomPolicy,
+    SnapKV,
+    SpAtten,
+    StreamingLLM,
+)
+
 from kvpress import PrunedCache, load_model
-from kvpress.policies import (A2SF, CAOTE, H2O, TOVA, VATP, AdaKV, GraphKV, Knorm, PyramidKV, RandomPolicy, SnapKV,
-                              SpAtten, StreamingLLM)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.5, 0.2)

@@ -1,7 +1,6 @@
 import torch
-from policy_helpers import eager_reference, group_sum, prefill, tiny_model, token_ids
-
 from kvpress.policies import CAOTE, H2O, SnapKV
+from policy_helpers import eager_reference, group_sum, prefill, tiny_model, token_ids
 
 
 def measured_output_change(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvpress import PrunedCache, load_model  # noqa: E402
-from kvpress.policies import A2SF, VATP, AdaKV, SnapKV, SpAtten  # noqa: E402
-from tests.retrieval import RETRIEVAL_CASES, count_answered  # noqa: E402
+from kvpress.policies import A2SF, VATP, AdaKV, SnapKV, SpAtten
+
+from kvpress import PrunedCache, load_model
+from tests.retrieval import RETRIEVAL_CASES, count_answered
 
 CASES = RETRIEVAL_CASES[:1]
 RECORDED = {  # (policy, budget): answered out of len(CASES); measured on CPU, fp32

@@ -1,7 +1,6 @@
 import torch
-from policy_helpers import eager_reference, group_sum, kept_positions, prefill, tiny_model, token_ids
-
 from kvpress.policies import H2O, VATP, Knorm, SnapKV
+from policy_helpers import eager_reference, group_sum, kept_positions, prefill, tiny_model, token_ids
 
 
 def test_score_is_accumulated_attention_times_value_l1_norm():
