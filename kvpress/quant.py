@@ -322,7 +322,7 @@ class QuantizedStore:
 
         # kept quantized slots: gather codes, value scales, and the block of each slot
         q_index = head_index.clamp(max=max(nq - 1, 0))
-        rows = lambda t: t.gather(-2, q_index[..., None].expand(*q_index.shape, t.shape[-1]))  # noqa: E731
+        rows = lambda t: t.gather(-2, q_index[..., None].expand(*q_index.shape, t.shape[-1]))
         if nq:
             key_codes, value_codes = rows(self.key_codes), rows(self.value_codes)
             value_scale, value_zero = rows(self.value_scale), rows(self.value_zero)
@@ -336,7 +336,7 @@ class QuantizedStore:
         fresh = ~old
         if bool(fresh.any()):
             r_index = (head_index - nq).clamp(min=0)
-            r_rows = lambda t: t.gather(-2, r_index[..., None].expand(*r_index.shape, dim))  # noqa: E731
+            r_rows = lambda t: t.gather(-2, r_index[..., None].expand(*r_index.shape, dim))
             fresh_keys, fresh_values = r_rows(self.residual_keys), r_rows(self.residual_values)  # [B, H, width, D]
             mask = fresh[..., None]
             inf = torch.tensor(float("inf"), dtype=torch.float32, device=index.device)
@@ -371,7 +371,7 @@ class QuantizedStore:
         live = int((counts > 0).sum(-1).max()) if width else 0
         order = order[..., :live]
         self.key_counts = counts.gather(-1, order)
-        gather_blocks = lambda t: t.gather(-2, order[..., None].expand(*order.shape, dim))  # noqa: E731
+        gather_blocks = lambda t: t.gather(-2, order[..., None].expand(*order.shape, dim))
         self.key_scale, self.key_zero = gather_blocks(key_scale), gather_blocks(key_zero)
         self.key_codes, self.value_codes = key_codes, value_codes
         self.value_scale, self.value_zero = value_scale, value_zero

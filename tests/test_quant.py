@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvpress import KVQuant, PrunedCache
-from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV
 from kvpress.policy import Wrapper
 from kvpress.quant import (
     QuantizedStore,
@@ -82,7 +82,8 @@ def test_key_round_trip_within_half_scale_of_each_channel_group(bits):
     assert normal < (restored - x)[..., 5].abs().max()
 
 
-def _store(batch=2, heads=2, slots=50, dim=32, quant=KVQuant(bits=4, group_size=8, residual=4), seed=0):
+def _store(batch=2, heads=2, slots=50, dim=32, quant=None, seed=0):
+    quant = quant or KVQuant(bits=4, group_size=8, residual=4)
     gen = torch.Generator().manual_seed(seed)
     keys, values = torch.randn(batch, heads, slots, dim, generator=gen), torch.randn(batch, heads, slots, dim, generator=gen)
     return QuantizedStore(quant, keys, values), keys, values
@@ -102,7 +103,7 @@ def test_flush_keeps_residual_between_residual_and_residual_plus_group():
 
 
 def test_eviction_gathers_quantized_slots_without_requantizing():
-    store, keys, values = _store(slots=50)
+    store, keys, _ = _store(slots=50)
     before_k, before_v = store.dequantize()
     full_k = torch.cat([before_k, store.residual_keys], dim=-2)
     full_v = torch.cat([before_v, store.residual_values], dim=-2)
@@ -258,7 +259,7 @@ def test_quantized_pruning_keeps_more_tokens_at_lower_precision_within_memory():
 def test_quantized_pruning_rule_picks_highest_precision_that_holds_the_prompt():
     model = _tiny()
     ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(6))
-    per_head = lambda slots: 2 * 2 * slots * 2 * 16 * 4  # noqa: E731  fp32 bytes of `slots` per head
+    per_head = lambda slots: 2 * 2 * slots * 2 * 16 * 4
     expected = {per_head(200): None, per_head(60): 8, per_head(30): 4, per_head(10): 4}
     for memory, bits in expected.items():
         cache = PrunedCache(QuantizedPruning(H2O(window=4), memory=memory, group_size=8))

@@ -14,9 +14,9 @@ on the primitives of `kvpress.quant` (which the cache uses on CPU). Rounding: th
 from __future__ import annotations
 
 import torch
+from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, tl, triton
 
 from kvpress import quant
-from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, tl, triton
 
 # ---- references ----
 
@@ -276,7 +276,7 @@ def quantized_decode_attention_triton(query, key_codes, key_scale, key_zero, key
     kv_heads, slots = key_codes.shape[1], key_codes.shape[2]
     _check_pow2(head_dim=dim)
     out = torch.empty(batch, q_heads, dim, dtype=torch.float32, device=query.device)
-    c = lambda t: t.contiguous()  # noqa: E731
+    c = lambda t: t.contiguous()
     _quantized_decode_kernel[(batch * q_heads,)](
         c(query), c(key_codes), c(key_scale), c(key_zero), c(key_block.to(torch.int32)), c(value_codes),
         c(value_scale), c(value_zero), c(residual_keys), c(residual_values), c(valid.to(torch.int8)), out,

@@ -8,10 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
+from kvpress.triton_kernels import quantization as qk
 
-from kvpress.quant import pack  # noqa: E402
-from kvpress.triton_kernels import quantization as qk  # noqa: E402
+from kvpress.quant import pack
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not qk.HAS_TRITON, reason="triton not installed")
