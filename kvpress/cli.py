@@ -170,7 +170,10 @@ def _spawned(command: str, argv: list[str], workers: int) -> int | None:
 
 
 def longbench_run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kvpress longbench", description="Run LongBench with a cache policy.")
+    parser = argparse.ArgumentParser(
+        prog="kvpress longbench", description="Run LongBench with a cache policy.",
+        epilog="Also: 'kvpress longbench score DIR...', 'kvpress longbench plot DIR... [--out FOLDER]'. "
+               "Sharded: torchrun --nproc-per-node N -m kvpress.longbench [options] (or --workers N).")
     add_run_options(parser)
     parser.add_argument("--out", default=None, help="run folder (default runs/<policy>)")
     args = parser.parse_args(argv)
