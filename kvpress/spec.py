@@ -186,13 +186,19 @@ def parse_spec(text: str, registry: Mapping[str, type] | None = None, options_mo
     return spec
 
 
-def option_keyword(option) -> str:
-    """Keyword under which ``PrunedCache`` receives an option: ``quant`` for quantizers."""
-    return "quant"
+OPTION_KEYWORDS = ("quantization", "quant")  # PrunedCache's name for a quantizer, newest first
+
+
+def option_keyword(option, accepted) -> str:
+    """Keyword under which ``PrunedCache`` receives an option (its quantization argument)."""
+    for key in OPTION_KEYWORDS:
+        if key in accepted:
+            return key
+    raise RuntimeError(f"PrunedCache takes no quantization argument; cannot apply {type(option).__name__}")
 
 
 def build_cache(spec: CacheSpec, config=None):
-    """A fresh cache for one generation: ``PrunedCache(policy, config=..., quant=...)``.
+    """A fresh cache for one generation: ``PrunedCache(policy, config=..., quantization=...)``.
 
     The full cache without options is a ``PrunedCache(None)`` (never evicts, still reports sizes) when
     the class exists, else a plain ``transformers.DynamicCache``.
@@ -213,8 +219,5 @@ def build_cache(spec: CacheSpec, config=None):
     kwargs: dict[str, Any] = {"config": config}
     accepted = inspect.signature(PrunedCache).parameters
     for option in spec.options:
-        key = option_keyword(option)
-        if key not in accepted:
-            raise RuntimeError(f"PrunedCache takes no {key!r} argument; cannot apply {type(option).__name__}")
-        kwargs[key] = copy.deepcopy(option)
+        kwargs[option_keyword(option, accepted)] = copy.deepcopy(option)
     return PrunedCache(copy.deepcopy(spec.policy), **kwargs)

@@ -134,3 +134,16 @@ def test_real_registry_when_present():
         spec = parse_spec(f"{name}:budget=0.5")
         assert isinstance(spec.policy, cls) and spec.budget == 0.5
     assert isinstance(parse_spec("full"), CacheSpec)
+
+
+def test_quantized_spec_builds_a_quantized_pruned_cache():
+    kvpress = pytest.importorskip("kvpress")
+    if not hasattr(kvpress, "KVQuant") or not getattr(pytest.importorskip("kvpress.policies"), "REGISTRY", None):
+        pytest.skip("kvpress.KVQuant or the policy registry not available yet")
+    from kvpress.spec import build_cache
+
+    spec = parse_spec("snapkv:budget=0.5+kvquant:bits=4")
+    assert spec.options == [kvpress.KVQuant(bits=4)]
+    cache = build_cache(spec)
+    assert isinstance(cache, kvpress.PrunedCache)
+    assert build_cache(spec) is not cache  # a fresh cache per sample
