@@ -28,6 +28,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import torch
+from transformers import DynamicCache
 from kvpress.policies import (
     A2SF,
     CAOTE,
@@ -125,7 +126,9 @@ def build_tasks(tokenizer):
 
 @torch.no_grad()
 def teacher_forced(model, ids: torch.Tensor, continuation: list[int] | None, cache, steps: int = NEW_TOKENS):
-    """Greedy predictions at each step; with `continuation`, feed those tokens instead of the predictions."""
+    """Greedy predictions at each step; with `continuation`, feed those tokens instead of the predictions.
+    `cache=None` means the full cache (a `DynamicCache`, kept across the steps)."""
+    cache = DynamicCache() if cache is None else cache
     out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     predictions = [int(out.logits[0, -1].argmax())]
     for step in range(steps - 1):
