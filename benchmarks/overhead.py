@@ -89,8 +89,17 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def scoring_peak_mib(length: int, heads=9, kv_heads=3, dim=64) -> float:
-    """Peak extra memory of H2O's prefill signal (all rows) for one SmolLM2-shaped layer."""
+def scoring_peak_mib(length: int) -> float:
+    """Peak extra memory of H2O's prefill signal for one SmolLM2-shaped layer, measured in a fresh
+    process so that no memory freed earlier in this run hides the allocation."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_scoring_peak_mib, (length,))
+
+
+def _scoring_peak_mib(length: int, heads=9, kv_heads=3, dim=64) -> float:
+    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, length, dim, generator=gen)
     k = torch.randn(1, kv_heads, length, dim, generator=gen)

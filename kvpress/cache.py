@@ -79,13 +79,19 @@ class PrunedLayer(DynamicLayer):
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, q)], dim=-1)
-        self.positions = torch.cat([self.positions, self.positions.new_zeros(batch, heads, q)], dim=-1)
+        # provisional: every new token real; `attend` corrects this when the mask shows padding
+        new_valid = self.valid.new_ones(batch, heads, q)
+        if self.dropped_heads is not None:
+            new_valid &= ~self.dropped_heads[..., None]
+        offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
+        new_positions = (self.real_seen[:, None] + offsets)[:, None, :].expand(batch, heads, q)
+        self.valid = torch.cat([self.valid, new_valid], dim=-1)
+        self.positions = torch.cat([self.positions, new_positions], dim=-1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, q)], dim=-1)
         self.seen += q
         self._new_tokens = q
         self._real_before = self.real_seen
-        self._mark_positions(None)
+        self.real_seen = self.real_seen + q
         hook.leave_handoff(hook.Handoff(self.cache, self.cache.forward_index, self, self.keys))
         return self.keys, self.values
 
@@ -139,12 +145,10 @@ class PrunedLayer(DynamicLayer):
     def num_heads(self) -> int:
         return self.keys.shape[1]
 
-    def _mark_positions(self, new_valid: torch.Tensor | None) -> None:
-        """Set validity and real-token positions of the newest `q` slots; `new_valid [B, q]` or None
-        (all real). Called provisionally by `update`, again by `attend` once the mask is known."""
+    def _mark_positions(self, new_valid: torch.Tensor) -> None:
+        """Set validity and real-token positions of the newest `q` slots from `new_valid [B, q]`
+        (False for padding), once `attend` has read it from the model's mask."""
         q = self._new_tokens
-        if new_valid is None:
-            new_valid = self.valid.new_ones(self.keys.shape[0], q)
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1  # [B, q]
         positions = torch.where(new_valid, self._real_before[:, None] + offsets, -1)
         self.valid[..., -q:] = new_valid[:, None, :]
