@@ -23,10 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 import triton.testing
-from kvpress.triton_kernels.decode_attention import decode_attention_triton
-from kvpress.triton_kernels.prefill_mass import attention_with_lse_triton, prefill_mass_triton
 
 from kvpress.signals import grouped_attention
+from kvpress.triton_kernels.decode_attention import decode_attention_triton
+from kvpress.triton_kernels.prefill_mass import attention_with_lse_triton, prefill_mass_triton
 
 try:
     from flash_attn import flash_attn_func, flash_attn_with_kvcache
@@ -184,10 +184,10 @@ def sync() -> None:
 
 
 def e2e_section(layers: int, new_tokens: int, prompt: int = 32768, budget: int = 2048, shapes=None) -> None:
-    from kvpress.policies import H2O
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     from kvpress import PrunedCache
+    from kvpress.policies import H2O
 
     config = LlamaConfig(**(shapes or LLAMA3_8B), num_hidden_layers=layers, max_position_embeddings=131072,
                          rope_theta=500000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)

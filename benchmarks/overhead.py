@@ -20,12 +20,12 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpress import PrunedCache, load_model  # noqa: E402
-from kvpress.policies import H2O, SnapKV  # noqa: E402
-from kvpress.signals import grouped_attention, row_weights  # noqa: E402
+from kvpress import PrunedCache, load_model
+from kvpress.policies import H2O, SnapKV
+from kvpress.signals import grouped_attention, row_weights
 
 torch.set_num_threads(1)
 

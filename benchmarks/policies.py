@@ -29,6 +29,8 @@ from pydoc_data.topics import topics
 
 import torch
 from transformers import DynamicCache
+
+from kvpress import PrunedCache, load_model
 from kvpress.policies import (
     A2SF,
     CAOTE,
@@ -44,8 +46,6 @@ from kvpress.policies import (
     SpAtten,
     StreamingLLM,
 )
-
-from kvpress import PrunedCache, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.5, 0.2)

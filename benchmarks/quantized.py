@@ -29,10 +29,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from kvpress.policies import QuantizedPruning, SnapKV
 from transformers.cache_utils import DynamicCache, QuantizedCache
 
 from kvpress import KVQuant, PrunedCache, load_model
+from kvpress.policies import QuantizedPruning, SnapKV
 from kvpress.quant import kv_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

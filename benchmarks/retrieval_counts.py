@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from retrieval import E2E_CASES, answers, policy_configs  # noqa: E402
+from retrieval import E2E_CASES, answers, policy_configs
 
-from kvpress import PrunedCache, load_model  # noqa: E402
+from kvpress import PrunedCache, load_model
 
 
 def main() -> None:

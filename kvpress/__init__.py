@@ -11,8 +11,8 @@ ordinary cache are unaffected.
 from kvpress import attention as _attention
 from kvpress.cache import PrunedCache, PrunedLayer
 from kvpress.models import load_model
-from kvpress.quant import KVQuant
 from kvpress.policy import AttentionRequest, EvictionPolicy, Policy, Selection, Wrapper
+from kvpress.quant import KVQuant
 from kvpress.report import CacheReport, LayerReport
 
 _attention.install()

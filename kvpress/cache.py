@@ -12,7 +12,12 @@ as `[seen - P, seen + q)` (integration-notes.md 1.4). Eviction happens after att
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicLayer,
+    get_layer_types_and_kwargs,
+)
 
 from kvpress import attention as hook
 from kvpress.policy import DECODE, PREFILL, AttentionRequest, EvictionPolicy, Selection

@@ -8,13 +8,13 @@ from kvpress.policies.graphkv import GraphKV
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import Knorm
 from kvpress.policies.pyramidkv import PyramidKV
+from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policies.random_policy import RandomPolicy
 from kvpress.policies.snapkv import SnapKV
 from kvpress.policies.spatten import SpAtten
 from kvpress.policies.streaming_llm import StreamingLLM
 from kvpress.policies.tova import TOVA
 from kvpress.policies.vatp import VATP
-from kvpress.policies.quantized_pruning import QuantizedPruning
 
 REGISTRY = {
     "h2o": H2O,
@@ -33,5 +33,20 @@ REGISTRY = {
     "adakv": AdaKV,
 }
 
-__all__ = ["H2O", "Knorm", "RandomPolicy", "REGISTRY", "SnapKV", "StreamingLLM", "TOVA", "QuantizedPruning",
-           "A2SF", "VATP", "CAOTE", "GraphKV", "SpAtten", "PyramidKV", "AdaKV"]
+__all__ = [
+    "A2SF",
+    "CAOTE",
+    "H2O",
+    "REGISTRY",
+    "TOVA",
+    "VATP",
+    "AdaKV",
+    "GraphKV",
+    "Knorm",
+    "PyramidKV",
+    "QuantizedPruning",
+    "RandomPolicy",
+    "SnapKV",
+    "SpAtten",
+    "StreamingLLM",
+]

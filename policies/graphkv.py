@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kvpress.policies._shared import shift_nonnegative
 
+from kvpress.policies._shared import shift_nonnegative
 from kvpress.policy import Wrapper
 
 

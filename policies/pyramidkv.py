@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
 
+from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
 from kvpress.policy import Wrapper
 
 

@@ -7,8 +7,8 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
 
+from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
 from kvpress.policy import AttentionRequest, Policy, Selection, top_k_selection
 
 NEVER = torch.iinfo(torch.long).max

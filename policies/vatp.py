@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kvpress.policies._shared import shift_nonnegative
 
+from kvpress.policies._shared import shift_nonnegative
 from kvpress.policy import Wrapper
 
 

@@ -8,9 +8,9 @@ the text, so a policy that evicts the fact cannot answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pydoc_data.topics import topics
 
 import torch
-from pydoc_data.topics import topics
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,18 @@ def policy_configs():
     """`name -> factory` of every policy configuration the end-to-end test records, at budgets 0.5
     and 0.2 (wrappers around the inner policy their paper uses)."""
     from kvpress.policies import (
-        A2SF, CAOTE, H2O, TOVA, VATP, AdaKV, GraphKV, Knorm, PyramidKV, RandomPolicy, SnapKV, SpAtten,
+        A2SF,
+        CAOTE,
+        H2O,
+        TOVA,
+        VATP,
+        AdaKV,
+        GraphKV,
+        Knorm,
+        PyramidKV,
+        RandomPolicy,
+        SnapKV,
+        SpAtten,
         StreamingLLM,
     )
 

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvpress import KVQuant, PrunedCache
+from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV
 from kvpress.policy import Wrapper
 from kvpress.quant import (
     QuantizedStore,

@@ -10,6 +10,7 @@ and copies all rows of one (sequence, KV head, tile of kept slots) in one progra
 from __future__ import annotations
 
 import torch
+
 from kvpress.triton_kernels._common import HAS_TRITON, interpreting, next_power_of_2, tl, triton, use_triton
 
 BLOCK_K = 32  # kept slots per program

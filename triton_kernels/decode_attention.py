@@ -20,6 +20,7 @@ A row that sees no valid slot outputs zeros and adds no mass.
 from __future__ import annotations
 
 import torch
+
 from kvpress.triton_kernels._common import (
     HAS_TRITON,
     kernel_flags,

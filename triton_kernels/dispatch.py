@@ -8,6 +8,7 @@ attention forward with log-sum-exp, then to the mass pass that reuses that log-s
 from __future__ import annotations
 
 import torch
+
 from kvpress.triton_kernels.decode_attention import decode_attention
 from kvpress.triton_kernels.prefill_mass import attention_with_lse, prefill_mass
 

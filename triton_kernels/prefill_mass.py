@@ -24,6 +24,7 @@ A row that sees no valid slot has `lse = +inf`: it outputs zeros and adds no mas
 from __future__ import annotations
 
 import torch
+
 from kvpress.triton_kernels._common import (
     HAS_TRITON,
     interpreting,

@@ -14,9 +14,9 @@ on the primitives of `kvpress.quant` (which the cache uses on CPU). Rounding: th
 from __future__ import annotations
 
 import torch
-from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, tl, triton
 
 from kvpress import quant
+from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, tl, triton
 
 # ---- references ----
 

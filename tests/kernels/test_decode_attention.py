@@ -6,12 +6,12 @@ import torch
 pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
+
+from kvpress.signals import grouped_attention
 from kvpress.triton_kernels.decode_attention import (
     decode_attention_reference,
     decode_attention_triton,
 )
-
-from kvpress.signals import grouped_attention
 
 
 def make_inputs(device, batch=2, kv_heads=2, group=3, slots=77, dim=32, value_dim=None, dtype=torch.float32):

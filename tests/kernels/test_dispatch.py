@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
-from kvpress.triton_kernels import attention_signals, compact_slots, decode_attention, use_triton
 
 from kvpress.signals import grouped_attention, row_weights
+from kvpress.triton_kernels import attention_signals, compact_slots, decode_attention, use_triton
 
 # the package re-exports functions named like their modules: reach the modules themselves
 decode = importlib.import_module("kvpress.triton_kernels.decode_attention")
@@ -61,10 +61,10 @@ def test_backend_names_are_checked_and_env_switch_disables_auto(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA dispatch of PrunedLayer.attend needs a GPU")
 def test_generate_with_kernels_matches_the_torch_path_on_cuda(monkeypatch):
-    from kvpress.policies import H2O
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvpress import PrunedCache
+    from kvpress.policies import H2O
 
     config = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

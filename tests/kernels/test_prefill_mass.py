@@ -7,14 +7,14 @@ import torch
 pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
+
+from kvpress.signals import grouped_attention, row_weights
 from kvpress.triton_kernels.prefill_mass import (
     attention_with_lse_reference,
     attention_with_lse_triton,
     prefill_mass_reference,
     prefill_mass_triton,
 )
-
-from kvpress.signals import grouped_attention, row_weights
 
 BLOCKS = (16, 16)  # several tiles along both axes at these lengths
 

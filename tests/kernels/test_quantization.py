@@ -9,9 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-from kvpress.triton_kernels import quantization as qk
 
 from kvpress.quant import pack
+from kvpress.triton_kernels import quantization as qk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not qk.HAS_TRITON, reason="triton not installed")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kvpress.longbench import build_sample, data
 from kvpress.longbench.tasks import all_config_names, parse_task_list, resolve_config, tasks
 

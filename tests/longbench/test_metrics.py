@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvpress.longbench import metrics
 from kvpress.longbench.scoring import score_sample, score_task, score_task_e
 from kvpress.longbench.tasks import resolve_config

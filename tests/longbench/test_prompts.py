@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kvpress.longbench import prompts
 from kvpress.longbench.tasks import resolve_config, tasks
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kvpress.longbench import runner
 from kvpress.longbench.data import DataSource
 from kvpress.longbench.report import score_run, write_reports

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from kvpress.longbench import scoring
 from kvpress.longbench.tasks import english16, tasks
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
-from kvpress.policies import A2SF, H2O
 from policy_helpers import eager_reference, group_sum, kept_positions, prefill, tiny_model, token_ids
+
+from kvpress.policies import A2SF, H2O
 
 
 def naive_a2sf(attention: torch.Tensor, forgetting: float, kv_heads: int) -> torch.Tensor:

@@ -4,9 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from policy_helpers import prefill, tiny_model, token_ids
+
 from kvpress.policies import AdaKV, PyramidKV, SnapKV
 from kvpress.policies._shared import linear_layer_counts
-from policy_helpers import prefill, tiny_model, token_ids
 
 
 def pyramid_reference(mean, seen, window, layers, beta):

@@ -1,6 +1,7 @@
 import torch
-from kvpress.policies import CAOTE, H2O, SnapKV
 from policy_helpers import eager_reference, group_sum, prefill, tiny_model, token_ids
+
+from kvpress.policies import CAOTE, H2O, SnapKV
 
 
 def measured_output_change(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

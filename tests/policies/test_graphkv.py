@@ -1,9 +1,10 @@
 import math
 
 import torch
+from policy_helpers import prefill, tiny_model, token_ids
+
 from kvpress.policies import VATP, GraphKV, SnapKV
 from kvpress.policies.graphkv import propagate_decay
-from policy_helpers import prefill, tiny_model, token_ids
 
 
 def naive_propagation(scores, keys, candidates, seeds, neighbours, rounds):

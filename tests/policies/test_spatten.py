@@ -1,8 +1,8 @@
 import torch
-from kvpress.policies import SpAtten
 from policy_helpers import eager_reference, prefill, tiny_model, token_ids
 
 from kvpress import PrunedCache
+from kvpress.policies import SpAtten
 
 
 def head_output_magnitude(attention, values, kv_heads):

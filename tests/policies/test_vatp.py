@@ -1,6 +1,7 @@
 import torch
-from kvpress.policies import H2O, VATP, Knorm, SnapKV
 from policy_helpers import eager_reference, group_sum, kept_positions, prefill, tiny_model, token_ids
+
+from kvpress.policies import H2O, VATP, Knorm, SnapKV
 
 
 def test_score_is_accumulated_attention_times_value_l1_norm():
