@@ -14,7 +14,7 @@ A concrete policy writes `score(layer)` (higher = keep) and, if it needs attenti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -183,17 +183,3 @@ class Wrapper(EvictionPolicy):
 
     def protected(self, layer: PrunedLayer) -> torch.Tensor:
         return self.inner.protected(layer)
-
-
-def describe(policy: Policy | None) -> str:
-    """Short human-readable spec of a policy: `vatp(h2o):budget=0.25,window=32`."""
-    if policy is None:
-        return "full"
-    chain, node = [], policy
-    while isinstance(node, Wrapper):
-        chain.append(type(node).__name__.lower())
-        node = node.inner
-    name = type(node).__name__.lower()
-    params = ",".join(f"{f.name}={getattr(node, f.name)}" for f in fields(node))
-    head = "".join(f"{w}(" for w in chain) + name + ")" * len(chain)
-    return f"{head}:{params}"
