@@ -187,11 +187,6 @@ def test_end_to_end_command_on_the_bundled_sample(tiny_model_dir, tmp_path):
 
 
 def test_end_to_end_with_an_eviction_policy(tiny_model_dir, tmp_path):
-    pytest.importorskip("kvpress.policies")
-    from kvpress.policies import REGISTRY
-
-    if "snapkv" not in REGISTRY:
-        pytest.skip("SnapKV not registered")
     out = tmp_path / "snapkv"
     _cli(["--model", str(tiny_model_dir), "--data", "sample", "--limit", "1", "--no-progress",
           "--tasks", "passage_count", "--policy", "snapkv:budget=64,window=8", "--out", str(out)])
