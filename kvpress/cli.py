@@ -130,7 +130,7 @@ def run_one(args, prep: Prepared, spec_text: str, out_dir: str, quiet: bool = Fa
     )
     extra = {"policy_name": spec.name, "budget": spec.budget,
              "selection": "per KV head" if spec.policy is not None else None,
-             "decode_time_eviction": _decode_eviction(spec.policy)}
+             "decode_time_eviction": None if spec.policy is None else spec.policy.evicts_during("decode")}
     config = prep.model.config
     start = time.perf_counter()
     complete = runner.run(settings, prep.configs, prep.source, prep.model, prep.tokenizer,
@@ -149,15 +149,6 @@ def run_one(args, prep: Prepared, spec_text: str, out_dir: str, quiet: bool = Fa
         if not complete:
             print("warning: some samples have no prediction yet", file=sys.stderr)
     return result
-
-
-def _decode_eviction(policy) -> bool | None:
-    if policy is None:
-        return None
-    try:
-        return bool(policy.evicts_during("decode"))
-    except (AttributeError, TypeError, NotImplementedError):
-        return None
 
 
 def _spawned(command: str, argv: list[str], workers: int) -> int | None:

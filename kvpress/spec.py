@@ -186,38 +186,14 @@ def parse_spec(text: str, registry: Mapping[str, type] | None = None, options_mo
     return spec
 
 
-OPTION_KEYWORDS = ("quantization", "quant")  # PrunedCache's name for a quantizer, newest first
-
-
-def option_keyword(option, accepted) -> str:
-    """Keyword under which ``PrunedCache`` receives an option (its quantization argument)."""
-    for key in OPTION_KEYWORDS:
-        if key in accepted:
-            return key
-    raise RuntimeError(f"PrunedCache takes no quantization argument; cannot apply {type(option).__name__}")
-
-
 def build_cache(spec: CacheSpec, config=None):
-    """A fresh cache for one generation: ``PrunedCache(policy, config=..., quantization=...)``.
-
-    The full cache without options is a ``PrunedCache(None)`` (never evicts, still reports sizes) when
-    the class exists, else a plain ``transformers.DynamicCache``.
-    """
+    """A fresh cache for one generation: ``PrunedCache(policy, config=..., quantization=...)``, with
+    its own copy of the policy and option (policies may keep state per cache)."""
     import copy
-    import inspect
 
-    try:
-        from kvpress import PrunedCache
-    except ImportError:
-        PrunedCache = None
-    if PrunedCache is None:
-        if spec.policy is not None or spec.options:
-            raise RuntimeError(f"policy {spec.text!r} needs kvpress.PrunedCache, which this install lacks")
-        from transformers import DynamicCache
+    from kvpress import PrunedCache
 
-        return DynamicCache(config=config)
-    kwargs: dict[str, Any] = {"config": config}
-    accepted = inspect.signature(PrunedCache).parameters
-    for option in spec.options:
-        kwargs[option_keyword(option, accepted)] = copy.deepcopy(option)
-    return PrunedCache(copy.deepcopy(spec.policy), **kwargs)
+    if len(spec.options) > 1:
+        raise ValueError(f"{spec.text!r}: at most one option (the quantization), got {len(spec.options)}")
+    quantization = copy.deepcopy(spec.options[0]) if spec.options else None
+    return PrunedCache(copy.deepcopy(spec.policy), config=config, quantization=quantization)
