@@ -191,11 +191,11 @@ class PrunedLayer(DynamicLayer):
         self._check_call(module, kwargs)
         batch, _, q, _ = query.shape
         phase = PREFILL if q > 1 else DECODE
-        if q > 1:  # generate extends the mask with ones while decoding: one new token is always real
-            new_valid = new_token_validity(attention_mask, batch, q)
-            if new_valid is not None:
-                self._mark_positions(new_valid)
-                self.may_hold_invalid = self.may_hold_invalid or not bool(new_valid.all())
+        # generate extends the mask with ones while decoding: one new token is always real
+        new_valid = new_token_validity(attention_mask, batch, q) if q > 1 else None  # [B, q] or None
+        if new_valid is not None:
+            self._mark_positions(new_valid)
+            self.may_hold_invalid = self.may_hold_invalid or not bool(new_valid.all())
         policy = self.cache.policy
         request = policy.request(phase) if policy is not None else None
         clean = not self.may_hold_invalid and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
@@ -214,9 +214,10 @@ class PrunedLayer(DynamicLayer):
                                             softcap=softcap, weights=weights, want_output=False)
         else:
             weights = row_weights(q, request.rows, request.decay, key.device) if request else None
-            query_valid = self.valid[:, 0, -q:] if self.may_hold_invalid else None
+            # padding query rows output zeros and add no mass (a dropped head's slots are invalid
+            # too, so validity is read from the mask, not from the slots)
             out, mass = grouped_attention(query, key, value, self.valid, scaling=scaling, softcap=softcap,
-                                          query_valid=query_valid, weights=weights)
+                                          query_valid=new_valid, weights=weights)
             output = (out, None)
 
         if policy is not None:
@@ -246,11 +247,12 @@ class PrunedLayer(DynamicLayer):
     def _absorb(self, mass: torch.Tensor | None, request: AttentionRequest | None, q: int) -> None:
         if mass is None:
             return
-        if request.accumulate:
-            decay = request.decay ** q if request.decay != 1.0 else 1.0
-            self.scores = self.scores * decay + mass if decay != 1.0 else self.scores + mass
-        else:
+        if not request.accumulate:
             self.scores = mass
+        elif request.decay == 1.0:
+            self.scores = self.scores + mass
+        else:
+            self.scores = self.scores * request.decay ** q + mass
 
     def _check_call(self, module, kwargs) -> None:
         if module.training or kwargs.get("dropout", 0.0):
