@@ -8,11 +8,9 @@ Tasks, all on real text that ships with Python (`pydoc_data.topics`, the languag
   token by token to the pruned cache; the score is the share of steps whose argmax prediction equals
   the full cache's next token (teacher forcing, so one early mistake does not spoil the rest).
 
-`--retrieval` also counts the answers to the first retrieval prompts of `tests/retrieval.py` (1.5k tokens)
-for the full cache, H2O, SnapKV and the policies of issue 6; those counts are recorded in
-`tests/policies/test_real_model.py`.
+The 1.5k-token retrieval prompts of `tests/retrieval.py` are counted by `benchmarks/retrieval_counts.py`.
 
-    OMP_NUM_THREADS=1 python benchmarks/policies.py [--workers 2] [--retrieval]
+    OMP_NUM_THREADS=1 python benchmarks/policies.py [--workers 2]
 
 Writes `benchmarks/RESULTS_policies.md`.
 """
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,49 +27,18 @@ from pydoc_data.topics import topics
 import torch
 from transformers import DynamicCache
 
-from kvpress import PrunedCache, load_model
-from kvpress.policies import (
-    A2SF,
-    CAOTE,
-    H2O,
-    TOVA,
-    VATP,
-    AdaKV,
-    GraphKV,
-    Knorm,
-    PyramidKV,
-    RandomPolicy,
-    SnapKV,
-    SpAtten,
-    StreamingLLM,
-)
+from kvpress import load_model
+from kvpress.spec import build_cache, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.5, 0.2)
 DOC_TOKENS = 400
-RETRIEVAL_CASES_USED = 3  # the first cases of tests/retrieval.py (1.5k-token prompts are slow on CPU)
 NEW_TOKENS = 48
 
-POLICIES = {
-    "full": None,
-    "h2o": lambda b: H2O(budget=b),
-    "a2sf": lambda b: A2SF(budget=b),
-    "snapkv": lambda b: SnapKV(budget=b),
-    "tova": lambda b: TOVA(budget=b),
-    "knorm": lambda b: Knorm(budget=b),
-    "streamingllm": lambda b: StreamingLLM(budget=b),
-    "random": lambda b: RandomPolicy(budget=b),
-    "vatp(h2o)": lambda b: VATP(H2O(budget=b)),
-    "vatp(snapkv)": lambda b: VATP(SnapKV(budget=b)),
-    "caote(h2o)": lambda b: CAOTE(H2O(budget=b)),
-    "caote(snapkv)": lambda b: CAOTE(SnapKV(budget=b)),
-    "graphkv(snapkv)": lambda b: GraphKV(SnapKV(budget=b)),
-    "pyramidkv(snapkv)": lambda b: PyramidKV(SnapKV(budget=b)),
-    "adakv(snapkv)": lambda b: AdaKV(SnapKV(budget=b)),
-    "spatten": lambda b: SpAtten(budget=b),
-}
-RETRIEVAL_POLICIES = ("full", "h2o", "snapkv", "a2sf", "vatp(snapkv)", "caote(snapkv)", "graphkv(snapkv)",
-                      "pyramidkv(snapkv)", "adakv(snapkv)", "spatten")
+# policy spec strings (kvpress.spec); each runs with `:budget=<b>` appended, "full" as is
+POLICIES = ("full", "h2o", "a2sf", "snapkv", "tova", "knorm", "streamingllm", "random", "vatp(h2o)",
+            "vatp(snapkv)", "caote(h2o)", "caote(snapkv)", "graphkv(snapkv)", "pyramidkv(snapkv)",
+            "adakv(snapkv)", "spatten")
 
 PASSKEY = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_CASES = (("71432", ("for", "while", "if"), 0.2), ("50918", ("class", "function"), 0.5),
@@ -154,8 +120,8 @@ def _init(references):
 
 
 def make_cache(name: str, budget: float):
-    factory = POLICIES[name]
-    return None if factory is None else PrunedCache(factory(budget))
+    """A fresh cache; None (a DynamicCache) for the full cache, the reference of every task."""
+    return None if name == "full" else build_cache(parse_spec(f"{name}:budget={budget}"))
 
 
 def run_config(job):
@@ -176,15 +142,6 @@ def run_config(job):
     row["agreement"] = matches / (NEW_TOKENS * len(agreement))
     row["seconds"] = time.time() - start
     return name, budget, row
-
-
-def run_retrieval(job):
-    sys.path.insert(0, str(ROOT))
-    from tests.retrieval import RETRIEVAL_CASES, answers
-
-    name, budget = job
-    return name, budget, answers(_worker["model"], _worker["tokenizer"], lambda: make_cache(name, budget),
-                                 RETRIEVAL_CASES[:RETRIEVAL_CASES_USED])
 
 
 def table(results) -> list[str]:
@@ -229,7 +186,6 @@ def claims(results) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--retrieval", action="store_true", help="also count the tests/retrieval.py answers")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_policies.md"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -244,27 +200,15 @@ def main() -> None:
         for name, budget, row in pool.map(run_config, jobs):
             results[(name, budget)] = row
             print(f"{name:>18} @{budget}: {row}", flush=True)
-        retrieval = {}
-        if args.retrieval:
-            jobs = [(name, budget) for name in RETRIEVAL_POLICIES for budget in BUDGETS if name != "full" or budget == 0.5]
-            for name, budget, flags in pool.map(run_retrieval, jobs):
-                retrieval[(name, budget)] = flags
-                print(f"retrieval {name:>18} @{budget}: {flags}", flush=True)
     minutes = (time.time() - start) / 60
     lines = ["## Policies on real-model tasks (issue 6)", "",
-             f"Command: `OMP_NUM_THREADS=1 python benchmarks/policies.py --workers {args.workers}"
-             + (" --retrieval" if args.retrieval else "") + f"` ({minutes:.1f} min on {args.workers} CPU cores).",
+             f"Command: `OMP_NUM_THREADS=1 python benchmarks/policies.py --workers {args.workers}` "
+             f"({minutes:.1f} min on {args.workers} CPU cores).",
              f"SmolLM2-135M-Instruct, fp32, CPU, slack 0; prompts of ~{DOC_TOKENS} tokens of `pydoc_data.topics` text; "
              f"policy defaults except the budget (fraction of tokens kept per KV head and layer). "
              f"passkey, fact: share of {len(PASSKEY_CASES)} / {len(FACT_CASES)} prompts answered; agree: share of "
              f"{NEW_TOKENS * len(AGREEMENT_CASES)} teacher-forced steps whose argmax equals the full cache's; mean "
              "of the three.", "", *table(results), "", "### Paper claims on this benchmark", "", *claims(results)]
-    if retrieval:
-        lines += ["", f"### tests/retrieval.py prompts (first {RETRIEVAL_CASES_USED} cases, ~1.5k tokens): answered", "",
-                  "| policy | @0.5 | @0.2 |", "| --- | ---: | ---: |"]
-        for name in RETRIEVAL_POLICIES:
-            cells = [str(sum(retrieval.get((name, b), retrieval.get((name, 0.5), [])))) for b in BUDGETS]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from retrieval import E2E_CASES, answers, policy_configs
 
-from kvpress import PrunedCache, load_model
+from kvpress import load_model
+from kvpress.spec import build_cache, parse_spec
 
 
 def main() -> None:
@@ -22,11 +23,12 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th configuration starting at i")
     index, count = map(int, parser.parse_args().shard.split("/"))
     model, tokenizer = load_model("smollm2")
-    for position, (name, make) in enumerate(policy_configs().items()):
+    for position, (name, spec_text) in enumerate(policy_configs().items()):
         if position % count != index:
             continue
         start = time.perf_counter()
-        result = answers(model, tokenizer, lambda: PrunedCache(make()), E2E_CASES)
+        spec = parse_spec(spec_text)
+        result = answers(model, tokenizer, lambda: build_cache(spec), E2E_CASES)
         print(f"{name:24s} {sum(result)}/{len(result)} {result} {time.perf_counter() - start:.1f}s", flush=True)
 
 

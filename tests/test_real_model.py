@@ -13,7 +13,8 @@ import math
 import pytest
 from retrieval import E2E_CASES, answers, policy_configs
 
-from kvpress import PrunedCache, PrunedLayer, load_model
+from kvpress import PrunedLayer, load_model
+from kvpress.spec import build_cache, parse_spec
 
 RECORDED = {  # answered out of 3
     "full": 3,
@@ -40,9 +41,9 @@ def test_every_configuration_has_a_recorded_count():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_retrieval_answers_do_not_drop_below_the_recorded_count(smollm2, name):
     model, tokenizer = smollm2
-    make = CONFIGS[name]
+    spec = parse_spec(CONFIGS[name])
     caches = []
-    result = answers(model, tokenizer, lambda: caches.append(PrunedCache(make())) or caches[-1], E2E_CASES)
+    result = answers(model, tokenizer, lambda: caches.append(build_cache(spec)) or caches[-1], E2E_CASES)
     assert sum(result) >= RECORDED[name], f"{name}: answered {result}, recorded {RECORDED[name]} of {len(E2E_CASES)}"
     for cache in caches:
         assert slots_kept(cache) <= allowed_slots(cache), f"{name} holds more than its budget"
