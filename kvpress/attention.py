@@ -53,10 +53,6 @@ def leave_handoff(handoff: Handoff) -> None:
     _local.handoff = handoff
 
 
-def clear_handoff() -> None:
-    _local.handoff = None
-
-
 def _wrap(original):
     cached = _wrappers.get(original)
     if cached is not None:

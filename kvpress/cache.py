@@ -123,14 +123,18 @@ class PrunedLayer(DynamicLayer):
     def _apply_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        names = PER_SLOT[2:] if self.store is not None else PER_SLOT
-        for name in names + ("real_seen",):
+        for name in self._dense_tensor_names():
             setattr(self, name, fn(getattr(self, name)))
         if self.dropped_heads is not None:
             self.dropped_heads = fn(self.dropped_heads)
         if self.store is not None:
             self.store.apply_batch(fn)
             self.keys, self.values = self.store.placeholders()
+
+    def _dense_tensor_names(self) -> tuple[str, ...]:
+        """Per-row tensors the layer holds itself; with quantization, keys and values live in the store."""
+        names = PER_SLOT[2:] if self.store is not None else PER_SLOT
+        return names + ("real_seen",)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -275,8 +279,7 @@ class PrunedLayer(DynamicLayer):
                 + ", ".join(hook.SUPPORTED_IMPLEMENTATIONS))
 
     def report(self) -> LayerReport:
-        names = PER_SLOT[2:] if self.store is not None else PER_SLOT
-        held = sum(getattr(self, name).nbytes for name in names + ("real_seen",)) if self.is_initialized else 0
+        held = sum(getattr(self, name).nbytes for name in self._dense_tensor_names()) if self.is_initialized else 0
         held += self.store.nbytes if self.store is not None else 0
         return LayerReport(self.layer_idx, self.seen, self.num_slots, held, self.evictions)
 
