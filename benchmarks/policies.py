@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import torch
 from transformers import DynamicCache
@@ -31,6 +31,9 @@ from kvpress import load_model
 from kvpress.spec import build_cache, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from retrieval import real_text
+
 BUDGETS = (0.5, 0.2)
 DOC_TOKENS = 400
 NEW_TOKENS = 48
@@ -52,19 +55,9 @@ FACT_CASES = (
 AGREEMENT_CASES = (("types", "typesseq", "typesseq-mutable", "typesmapping"),)
 
 
-def document(names, tokenizer, insert: str | None = None, depth: float = 0.5, tokens: int = DOC_TOKENS) -> str:
-    """About `tokens` tokens of pydoc topics, with `insert` placed at `depth` (paragraph granularity)."""
-    paragraphs = [p.strip() for name in names for p in topics[name].split("\n\n") if p.strip()]
-    text, kept = [], 0
-    for paragraph in paragraphs:
-        size = len(tokenizer(paragraph, add_special_tokens=False).input_ids)
-        if kept + size > tokens:
-            break
-        text.append(paragraph)
-        kept += size
-    if insert is not None:
-        text.insert(max(1, round(len(text) * depth)), insert)
-    return "\n\n".join(text)
+def document(names, tokenizer, insert: str | None = None, depth: float = 0.5) -> str:
+    """About DOC_TOKENS tokens of pydoc topics, with `insert` placed at `depth`."""
+    return real_text(names, tokenizer, DOC_TOKENS, insert, depth)
 
 
 def chat(tokenizer, content: str) -> torch.Tensor:

@@ -40,19 +40,27 @@ RETRIEVAL_CASES = (
 TARGET_TOKENS = 1500
 
 
-def build_prompt(case: RetrievalCase, tokenizer, target_tokens: int = TARGET_TOKENS) -> list[int]:
-    """Chat-formatted token ids: real text of about `target_tokens` tokens with the fact inserted at
-    `case.depth`, then the question."""
-    paragraphs = [p.strip() for name in case.topics for p in topics[name].split("\n\n") if p.strip()]
+def real_text(topic_names, tokenizer, tokens: int, insert: str | None = None, depth: float = 0.5) -> str:
+    """About `tokens` tokens of language-reference paragraphs, with `insert` placed at `depth`
+    (paragraph granularity)."""
+    paragraphs = [p.strip() for name in topic_names for p in topics[name].split("\n\n") if p.strip()]
     text, kept = [], 0
     for paragraph in paragraphs:
         size = len(tokenizer(paragraph, add_special_tokens=False).input_ids)
-        if kept + size > target_tokens:
+        if kept + size > tokens:
             break
         text.append(paragraph)
         kept += size
-    text.insert(max(1, round(len(text) * case.depth)), case.fact)
-    content = "Read the document and answer the question.\n\n" + "\n\n".join(text)
+    if insert is not None:
+        text.insert(max(1, round(len(text) * depth)), insert)
+    return "\n\n".join(text)
+
+
+def build_prompt(case: RetrievalCase, tokenizer, target_tokens: int = TARGET_TOKENS) -> list[int]:
+    """Chat-formatted token ids: real text of about `target_tokens` tokens with the fact inserted at
+    `case.depth`, then the question."""
+    text = real_text(case.topics, tokenizer, target_tokens, case.fact, case.depth)
+    content = "Read the document and answer the question.\n\n" + text
     content += f"\n\nQuestion: {case.question} Answer in a few words."
     messages = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
