@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from kvpress.signals import grouped_attention
+from kvpress.attention import grouped_attention
 from kvpress.triton_kernels.decode_attention import decode_attention_triton
 from kvpress.triton_kernels.prefill_mass import attention_with_lse_triton, prefill_mass_triton
 
@@ -44,7 +44,7 @@ def bench(fn) -> float:
 
 
 def torch_path(fn):
-    """Run `fn` with the kernels switched off: kvpress.signals' PyTorch path on CUDA tensors."""
+    """Run `fn` with the kernels switched off: kvpress.attention' PyTorch path on CUDA tensors."""
     os.environ["KVPRESS_TRITON"] = "0"
     try:
         return fn()

@@ -27,7 +27,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpress import PrunedCache, load_model
 from kvpress.policies import H2O, SnapKV
-from kvpress.signals import grouped_attention, row_weights
+from kvpress.attention import grouped_attention, row_weights
 
 torch.set_num_threads(1)
 

@@ -4,22 +4,24 @@
     from kvpress.policies import H2O
     out = model.generate(ids, cache=PrunedCache(H2O(budget=256)), max_new_tokens=128)
 
-Importing the package installs the attention hook (`kvpress.attention.install`); models that use an
+Importing the package installs the attention hook (`kvpress.hook.install`); models that use an
 ordinary cache are unaffected.
 """
 
-from kvpress import attention as _attention
-from kvpress.cache import PrunedCache, PrunedLayer
+from kvpress import hook as _hook
+from kvpress.cache import PrunedCache
+from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
-from kvpress.policy import AttentionRequest, EvictionPolicy, Policy, Selection, Wrapper
+from kvpress.policy import AttentionRequest, CompositionError, EvictionPolicy, Policy, Selection, Signals, Wrapper
 from kvpress.quant import KVQuant
 from kvpress.report import CacheReport, LayerReport
 
-_attention.install()
+_hook.install()
 
 __all__ = [
     "AttentionRequest",
     "CacheReport",
+    "CompositionError",
     "EvictionPolicy",
     "KVQuant",
     "LayerReport",
@@ -27,6 +29,7 @@ __all__ = [
     "PrunedCache",
     "PrunedLayer",
     "Selection",
+    "Signals",
     "Wrapper",
     "load_model",
 ]

@@ -1,4 +1,9 @@
-"""Attention over a pruned layer, and the per-slot attention mass policies score with, in PyTorch.
+"""Attention over a pruned layer: which path computes it, and the per-slot attention mass policies
+score with, in PyTorch.
+
+`attend` chooses the path for one forward of a layer: the model's own attention function (bit-identical
+to `DynamicCache`) when the stored slots are an exact causal prefix that the model's mask describes,
+else `grouped_attention` with a mask built from slot validity and positions.
 
 Queries are processed in chunks of rows, each chunk holding complete rows of logits, so the softmax
 is exact per chunk and peak memory is `O(chunk * S)`: linear in the prompt, never `S x S`. A chunk
@@ -12,7 +17,11 @@ so query `i` may attend slot `s` iff `valid[s]` and `s <= S - q + i`.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from kvpress.policy import AttentionRequest, Signals
 
 # fp32 logits one query chunk may hold (4 MiB): small chunks stay in cache and skip more of the
 # causal triangle; measured faster than 16-64 MiB chunks on CPU (benchmarks/overhead.py).
@@ -22,12 +31,12 @@ CHUNK_ELEMENTS = 1 << 20
 def row_weights(num_rows: int, rows: int | None, decay: float, device) -> torch.Tensor:
     """`[num_rows]` weight of each query row in the mass: `decay ** age` for the last `rows` rows
     (all rows when None), 0 before them. Age 0 is the newest row."""
-    age = torch.arange(num_rows - 1, -1, -1, device=device, dtype=torch.float64)
-    weights = torch.exp(age * torch.log(torch.tensor(decay, dtype=torch.float64))) if decay != 1.0 \
-        else torch.ones(num_rows, dtype=torch.float64, device=device)
+    # float64 on the host, then fp32 on the device (some devices, e.g. Apple's MPS, have no float64)
+    age = torch.arange(num_rows - 1, -1, -1, dtype=torch.float64)
+    weights = torch.exp(age * math.log(decay)) if decay != 1.0 else torch.ones(num_rows, dtype=torch.float64)
     if rows is not None:
         weights = torch.where(age < rows, weights, torch.zeros_like(weights))
-    return weights.float()
+    return weights.to(device=device, dtype=torch.float32)
 
 
 def grouped_attention(
@@ -42,6 +51,8 @@ def grouped_attention(
     weights: torch.Tensor | None = None,  # [q] fp32 row weights of the mass; None: no mass
     want_output: bool = True,
     chunk_elements: int = CHUNK_ELEMENTS,
+    positions: torch.Tensor | None = None,  # [B, Hkv, S] long, with `window`
+    window: int | None = None,  # sliding window: a query at position p sees positions > p - window
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Causal grouped-query attention with a per-slot validity mask.
 
@@ -52,10 +63,10 @@ def grouped_attention(
     CUDA tensors go to the Triton kernels of `kvpress.triton_kernels` (same quantities, fused,
     O(S) memory; `KVPRESS_TRITON=0` keeps this PyTorch path). Rows that see no valid slot are the
     one difference: uniform here, zeros there; a layer's own new token is always visible, except
-    in a KV head that holds no valid slot at all (`PrunedLayer.drop_heads`): its query heads output
+    in a KV head that holds no valid slot at all (`SlotStore.switch_off_heads`): its query heads output
     zeros and add no mass on both paths.
     """
-    if query.is_cuda:
+    if query.is_cuda and window is None:
         from kvpress.triton_kernels import attention_signals, use_triton
 
         if use_triton(query):
@@ -85,6 +96,10 @@ def grouped_attention(
             logits = torch.tanh(logits / softcap).mul_(softcap)
         last_visible = slots - q_len + torch.arange(start, stop, device=key.device)  # [c]
         hidden = (slot_index[:visible] > last_visible[:, None]) | hidden_slots[..., :visible]  # [B,Hkv,1,c,V]
+        if window is not None:
+            query_positions = positions[:, :, slots - q_len + start:slots - q_len + stop]  # [B, Hkv, c]
+            too_old = positions[:, :, None, :visible] <= query_positions[..., None] - window  # [B, Hkv, c, V]
+            hidden = hidden | too_old[:, :, None]
         probs = torch.softmax(logits.masked_fill_(hidden, fill), dim=-1)
         if query_valid is not None:
             probs = probs * query_valid[:, None, None, start:stop, None]
@@ -102,3 +117,85 @@ def grouped_attention(
         output = (torch.cat(outputs, dim=3) * live[:, :, None, None, None]).reshape(batch, q_heads, q_len, -1)
         output = output.transpose(1, 2).to(query.dtype).contiguous()
     return output, mass
+
+
+def new_token_validity(mask: torch.Tensor | None, batch: int, q: int) -> torch.Tensor | None:
+    """`[B, q]` bool: which of the `q` new tokens are real, read from the model's mask (the new tokens
+    are its last `q` columns; a real key is visible from its own query row). None: all real."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:  # flash-attention: (B, kv) with 1 = real
+        return mask[:, -q:].bool()
+    return visible(mask[..., -q:]).any(dim=-2).any(dim=1).expand(batch, q)  # [B, q]
+
+
+def visible(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask as bool (True = may attend), whether it is bool or additive float."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None, q: int) -> bool:
+    """Whether a 4-D model mask says more than causal order and padding: among real query rows, the new
+    tokens must see exactly the real new tokens at or before them, and every real row the same older
+    columns. Custom 4-D masks and bidirectional blocks fail this; transformers' causal, sliding-window
+    (checked separately) and padding masks pass."""
+    if mask is None or mask.dim() != 4 or q == 1:
+        return False
+    allowed = visible(mask).any(dim=1)  # [B, q, kv]
+    batch = allowed.shape[0]
+    real = new_valid if new_valid is not None else torch.ones(batch, q, dtype=torch.bool, device=mask.device)
+    causal = torch.ones(q, q, dtype=torch.bool, device=mask.device).tril()
+    expected_new = causal & real[:, None, :]  # [B, q, q]
+    rows = real[:, :, None]
+    new_block_differs = ((allowed[..., -q:] != expected_new) & rows).any()
+    older = allowed[..., :-q]
+    reference_row = older.gather(1, real.long().argmax(dim=1)[:, None, None].expand(-1, 1, older.shape[-1]))
+    older_differs = ((older != reference_row) & rows).any()
+    return bool(new_block_differs | older_differs)
+
+
+def attend(layer, original, module, query, key, value, attention_mask, args, kwargs,
+           request: AttentionRequest | None, phase: str, new_valid: torch.Tensor | None):
+    """One forward's attention for a pruned layer, and the signals its policy asked for.
+
+    The model's own function runs when the slots are an exact causal prefix its mask describes (no slot
+    was ever invalid, the mask has this layer's columns, and a sliding-window layer never evicted out
+    of order) and the policy needs no signal over every row; window rows are then recomputed from the
+    last queries. Otherwise `grouped_attention` runs with validity (and the sliding window) from the
+    slots. Returns `(output as the model's function returns it, Signals)`."""
+    q = query.shape[2]
+    slots = layer.slots
+    window = layer.sliding_window
+    clean = not slots.may_hold_invalid and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
+    if window is not None and q > 1 and layer.evictions:
+        clean = False  # the model's sliding mask assumes consecutive slots
+    if mask_has_structure(attention_mask, new_valid, q):
+        if not clean or request is not None:
+            raise ValueError(
+                f"layer {layer.layer_idx}: the attention mask carries structure beyond causal order and padding "
+                "(a custom 4-D mask or bidirectional blocks); PrunedCache can honour it only with the model's own "
+                "attention over a cache that has not evicted yet and a policy that needs no attention signal. "
+                "Use a causal mask, or PrunedCache(None) / an attention-free policy (knorm, streamingllm) here.")
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+
+    mass = None
+    if clean and (request is None or request.rows is not None):
+        output = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if request is not None:  # window rows only: recompute them, not the whole attention
+            rows = min(request.rows, q)
+            weights = row_weights(rows, None, request.decay, key.device)
+            _, mass = grouped_attention(query[:, :, -rows:], key, value, slots.valid, scaling=scaling,
+                                        softcap=softcap, weights=weights, want_output=False,
+                                        positions=slots.positions, window=window)
+    else:
+        weights = row_weights(q, request.rows, request.decay, key.device) if request else None
+        # padding query rows output zeros and add no mass (a switched-off head's slots are invalid
+        # too, so validity is read from the mask, not from the slots)
+        out, mass = grouped_attention(query, key, value, slots.valid, scaling=scaling, softcap=softcap,
+                                      query_valid=new_valid, weights=weights, positions=slots.positions,
+                                      window=window)
+        output = (out, None)
+    return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0])

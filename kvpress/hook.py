@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+import weakref
 
 import torch
 from transformers.modeling_utils import AttentionInterface
@@ -20,12 +20,28 @@ SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
-@dataclass
 class Handoff:
-    cache: object
-    forward: int
-    layer: object
-    key: torch.Tensor
+    """What `PrunedLayer.update` leaves for the attention call that follows: the layer, the forward it
+    belongs to and the key tensor it returned. Only weak references: a forward that raises between
+    `update` and attention leaves nothing alive in the thread-local."""
+
+    __slots__ = ("_cache", "forward", "_layer", "_key")
+
+    def __init__(self, cache, forward: int, layer, key: torch.Tensor):
+        self._cache, self._layer, self._key = weakref.ref(cache), weakref.ref(layer), weakref.ref(key)
+        self.forward = forward
+
+    @property
+    def cache(self):
+        return self._cache()
+
+    @property
+    def layer(self):
+        return self._layer()
+
+    @property
+    def key(self) -> torch.Tensor | None:
+        return self._key()
 
 
 _local = threading.local()
@@ -36,18 +52,19 @@ def take_handoff(key: torch.Tensor) -> Handoff | None:
     if handoff is None or handoff.key is not key:
         return None
     _local.handoff = None
-    return handoff
+    return handoff if handoff.layer is not None else None
 
 
 def leave_handoff(handoff: Handoff) -> None:
     """Called by `PrunedLayer.update`. An unconsumed handoff from the same cache and forward means the
     previous layer's attention never went through the interface (e.g. Falcon calls SDPA directly)."""
     stale = getattr(_local, "handoff", None)
-    if stale is not None and stale.cache is handoff.cache and stale.forward == handoff.forward:
+    if stale is not None and stale.cache is not None and stale.cache is handoff.cache \
+            and stale.forward == handoff.forward and stale.key is not None:
         _local.handoff = None
         raise NotImplementedError(
             "This model computes attention without transformers' AttentionInterface, so PrunedCache cannot "
-            f"see or prune it (layer {stale.layer.layer_idx}). Supported model families: "
+            f"see or prune it (layer {getattr(stale.layer, 'layer_idx', '?')}). Supported model families: "
             f"{', '.join(SUPPORTED_FAMILIES)}, and others that resolve attention through the interface."
         )
     _local.handoff = handoff

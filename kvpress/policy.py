@@ -1,26 +1,38 @@
-"""Policy base classes: budgets, protected slots, attention-signal requests and top-k selection.
+"""Policy base classes: budgets, protected slots, attention-signal requests, state and top-k selection.
 
-A policy answers one question per layer: which slots to keep. The cache owns the tensors and calls
-the policy at two points of every forward of a pruned layer:
+A policy answers one question per layer: which slots to keep. It is a pure description (a dataclass
+of hyperparameters); what it remembers lives in `State` objects that the cache creates through it and
+owns (kvpress/state.py). The cache talks to the policy at these points of every forward of a pruned
+layer:
 
-1. before attention, `attention_request(phase)` says which attention signal the policy needs
-   (none, every query row, the last `w` rows); the attention wrapper computes only that, as the
-   per-slot attention mass summed over the query heads of each KV group (`[B, Hkv, S]`, fp32);
-2. after attention, the cache folds the signal into `layer.scores` and, when the layer holds more
-   than its budget plus the cache's slack, calls `select(layer)` and compacts every per-slot tensor.
+1. before attention, `request(phase)` says which attention signal the policy needs (none, every query
+   row, the last `w` rows); the attention step computes only that, as the per-slot attention mass
+   summed over the query heads of each KV group (`[B, Hkv, S]`, fp32);
+2. after attention, `update(layer, signals)` folds the signals into the policy's state;
+3. when the layer holds more than its keep counts plus the cache's slack (`over_budget`), the cache
+   selects (`keep_counts`, `protected`, `eligible`, `score`) and compacts slots and state together,
+   then tells the policy (`compacted`).
+
+Policies with `allocates_across_layers` skip step 3 at prefill: once every layer has attended the
+prompt, `allocate(layers)` chooses the per-layer counts and every layer compacts (kvpress/eviction.py).
 
 A concrete policy writes `score(layer)` (higher = keep) and, if it needs attention, `request`.
+`Wrapper` passes every hook through to its inner policy except the ones it changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import torch
 
+from kvpress.state import ScoreState, State
+
 if TYPE_CHECKING:  # pragma: no cover
-    from kvpress.cache import PrunedLayer
+    from kvpress.layer import PrunedLayer
+    from kvpress.quant import KVQuant
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -40,6 +52,18 @@ class AttentionRequest:
     rows: int | None = None
     decay: float = 1.0
     accumulate: bool = True
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What one forward of a layer measured: `mass [B, Hkv, S]` fp32 as the request asked (None when
+    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`."""
+
+    phase: str
+    q: int
+    request: AttentionRequest | None
+    mass: torch.Tensor | None
+    output: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -71,28 +95,60 @@ def check_budget(owner: str, budget, sinks: int = 0, window: int = 0) -> None:
 
 def slots_for_budget(budget, real_seen: torch.Tensor) -> torch.Tensor:
     """Slots each row may keep: `[B]` long. Int budget: that many (at most the real tokens seen);
-    float budget: `max(1, floor(seen * budget))` of the row's real tokens."""
+    float budget: `max(1, floor(seen * budget))` of the row's real tokens, in integer arithmetic
+    (the budget as the nearest fraction with a denominator up to 10^6), so no float64 reaches the
+    model's device."""
     if isinstance(budget, float):
-        keep = torch.clamp(torch.floor(real_seen.double() * budget).long(), min=1)
+        fraction = Fraction(budget).limit_denominator(1_000_000)
+        keep = torch.clamp(real_seen * fraction.numerator // fraction.denominator, min=1)
     else:
         keep = torch.full_like(real_seen, budget)
     return torch.minimum(keep, real_seen)
 
 
 class EvictionPolicy:
-    """Interface the cache talks to. `Policy` (budget, sinks, window) and `Wrapper` (an inner
-    policy) implement it; policies in `kvpress.policies` subclass one of the two."""
+    """The protocol the cache talks to (module docstring). `Policy` (budget, sinks, window) and
+    `Wrapper` (an inner policy) implement it; policies in `kvpress.policies` subclass one of the two."""
 
     budget: int | float
     sinks: int
     window: int
+    allocates_across_layers: bool = False
 
+    # ---- structure ----
+    def chain(self) -> list[EvictionPolicy]:
+        """This policy and the ones it wraps, outermost first."""
+        return [self]
+
+    # ---- state ----
+    def new_layer_state(self, layer: PrunedLayer) -> State | None:
+        """State this policy keeps per layer, created by the cache when the layer first stores tokens."""
+        return None
+
+    def new_shared_state(self, layer: PrunedLayer) -> State | None:
+        """State this policy keeps across the layers of one cache, created at its first use."""
+        return None
+
+    def raw_scores(self, layer: PrunedLayer) -> torch.Tensor | None:
+        """The running attention mass `[B, Hkv, P]` of the chain's scored policy, unpooled and per KV
+        head (None for attention-free policies)."""
+        return None
+
+    # ---- signals ----
     def request(self, phase: str) -> AttentionRequest | None:
         """The attention signal needed in `phase` ("prefill" or "decode"); None for none."""
         return None
 
+    def update(self, layer: PrunedLayer, signals: Signals) -> None:
+        """Fold one forward's signals into this policy's state."""
+
     def evicts_during(self, phase: str) -> bool:
         return True
+
+    # ---- selection ----
+    def budget_of(self, layer: PrunedLayer) -> int | float:
+        """The budget the chain enforces on `layer` (QuantizedPruning replaces it by a slot count)."""
+        return self.budget
 
     def score(self, layer: PrunedLayer) -> torch.Tensor:
         """`[B, Hkv, P]` fp32, higher = keep. Invalid and protected slots are handled by `select`."""
@@ -100,8 +156,9 @@ class EvictionPolicy:
 
     def keep_counts(self, layer: PrunedLayer) -> torch.Tensor:
         """Real slots each (row, head) keeps: `[B, Hkv]` long."""
-        per_row = slots_for_budget(self.budget, layer.real_seen)  # [B]
-        return per_row[:, None].expand(-1, layer.num_heads)
+        per_row = slots_for_budget(layer.budget, layer.real_seen)  # [B]
+        uniform = per_row[:, None].expand(-1, layer.num_heads)
+        return uniform if layer.allocation is None else layer.allocation.counts_now(uniform)
 
     def protected(self, layer: PrunedLayer) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the first `sinks` and last `window` real tokens."""
@@ -109,22 +166,44 @@ class EvictionPolicy:
         recent = pos >= (layer.real_seen[:, None, None] - self.window)
         return layer.valid & ((pos < self.sinks) | recent)
 
-    def select(self, layer: PrunedLayer, slack: int = 0) -> Selection | None:
-        """Choose the slots to keep, or None when every (row, head) holds at most its count plus
-        `slack` real slots. Surplus physical slots (padding, masked holes) go first."""
-        counts = self.keep_counts(layer)  # [B, Hkv]
-        # each (row, head) decides alone, so a row evicts exactly as it would in a batch of one
-        if not bool((layer.valid.sum(-1) > counts + slack).any()):
+    def eligible(self, layer: PrunedLayer) -> torch.Tensor:
+        """`[B, Hkv, P]` bool: slots that may be kept at all (SpAtten: not evicted by a lower layer)."""
+        return layer.valid
+
+    def over_budget(self, layer: PrunedLayer, counts: torch.Tensor, slack: int) -> bool:
+        """Whether the layer must compact: some (row, head) holds more than its count plus `slack`.
+        Each (row, head) decides alone, so a row evicts exactly as it would in a batch of one."""
+        return bool((layer.valid.sum(-1) > counts + slack).any())
+
+    def compacted(self, layer: PrunedLayer, selection: Selection) -> None:
+        """Called after `layer` kept `selection` (SpAtten records the cascade)."""
+
+    def allocate(self, layers: list[PrunedLayer]) -> list[torch.Tensor]:
+        """Cross-layer stage: `[B, Hkv]` keep counts for each pruned layer, from every layer's state."""
+        raise NotImplementedError(f"{type(self).__name__} does not allocate across layers")
+
+    def storage(self, layer: PrunedLayer) -> KVQuant | None:
+        """Quantized storage this policy wants for `layer` (QuantizedPruning), None for full precision."""
+        return None
+
+    def select(self, layer: PrunedLayer, slack: int = 0, counts: torch.Tensor | None = None) -> Selection | None:
+        """Choose the slots to keep, or None when no (row, head) is over its count plus `slack`.
+        `counts` overrides `keep_counts` (the cross-layer stage). Surplus slots (padding, masked
+        holes, slots that are not eligible) go first."""
+        counts = self.keep_counts(layer) if counts is None else counts  # [B, Hkv]
+        eligible = self.eligible(layer)
+        if not self.over_budget(layer, counts, slack) and not bool((layer.valid & ~eligible).any()):
             return None
-        kept = int(counts.max())
+        kept = min(int(counts.max()), layer.num_slots)
         scores = self.score(layer).float()
-        return top_k_selection(scores, layer.valid, self.protected(layer), counts, kept)
+        return top_k_selection(scores, eligible, self.protected(layer) & eligible, counts, kept)
 
 
 @dataclass
 class Policy(EvictionPolicy):
     """Base of every eviction policy: a budget, always-kept sinks and recent window, and per-head
-    top-k selection on `score(layer)`.
+    top-k selection on `score(layer)`. A policy that requests attention keeps a `ScoreState` per layer
+    (the running mass, folded as its `AttentionRequest` says).
 
     budget: int slots per KV head per layer, or float in (0, 1] fraction of the tokens seen.
     sinks: first real tokens always kept; window: most recent real tokens always kept. Both count
@@ -138,11 +217,35 @@ class Policy(EvictionPolicy):
     def __post_init__(self) -> None:
         check_budget(type(self).__name__, self.budget, self.sinks, self.window)
 
+    def requests_attention(self) -> bool:
+        return self.request(PREFILL) is not None or self.request(DECODE) is not None
+
+    def new_layer_state(self, layer) -> State | None:
+        if not self.requests_attention():
+            return None
+        return ScoreState.empty(layer.batch, layer.num_heads, layer.device)
+
+    def raw_scores(self, layer) -> torch.Tensor | None:
+        state = layer.state(self)
+        return state.scores if state is not None else None
+
+    def update(self, layer, signals: Signals) -> None:
+        if signals.mass is None:
+            return
+        state = layer.state(self)
+        request = signals.request
+        if not request.accumulate:
+            state.scores = signals.mass
+        elif request.decay == 1.0:
+            state.scores = state.scores + signals.mass
+        else:
+            state.scores = state.scores * request.decay ** signals.q + signals.mass
+
 
 def top_k_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor,
                     counts: torch.Tensor, kept: int) -> Selection:
     """Per (row, head) top-`counts` slots by score, protected first, invalid last; ties go to the
-    later slot. Returns `kept = counts.max()` indices per head, sorted, with surplus marked invalid."""
+    later slot. Returns `kept` indices per head, sorted, with surplus marked invalid."""
     big = torch.finfo(torch.float32).max
     ranked = torch.where(protected, big, torch.where(valid, scores.clamp(-big / 2, big / 2), -big))
     # stable sort on the reversed slot order: among equal scores the later slot ranks first
@@ -154,32 +257,76 @@ def top_k_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.
     return Selection(indices=indices, valid=keep_valid.gather(-1, perm))
 
 
+class CompositionError(ValueError):
+    """A wrapper and an inner policy that cannot work together; the message says which order works."""
+
+
 @dataclass
 class Wrapper(EvictionPolicy):
     """Base of policies that change the scores or budgets of an inner policy (VATP, CAOTE, ...).
-    The innermost policy's budget, sinks and window are what the cache enforces."""
+    Every hook it does not override goes to the inner policy; the innermost policy's budget, sinks
+    and window are what the cache enforces.
+
+    A wrapper that cannot work around some inner policy says so in `refuse(inner)`: the message is
+    raised when the wrapper is built (and so by the spec parser)."""
 
     inner: EvictionPolicy
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, EvictionPolicy):
             raise ValueError(f"{type(self).__name__}: inner must be a policy, got {self.inner!r}")
+        for policy in self.inner.chain():
+            problem = self.refuse(policy)
+            if problem:
+                raise CompositionError(f"{type(self).__name__}({type(self.inner).__name__}(...)): {problem}")
+
+    def refuse(self, inner: EvictionPolicy) -> str | None:
+        """Why this wrapper cannot wrap `inner` (any policy of the inner chain), or None."""
+        return None
 
     budget = property(lambda self: self.inner.budget)
     sinks = property(lambda self: self.inner.sinks)
     window = property(lambda self: self.inner.window)
+    allocates_across_layers = property(lambda self: self.inner.allocates_across_layers)
 
-    def request(self, phase: str) -> AttentionRequest | None:
+    def chain(self) -> list[EvictionPolicy]:
+        return [self, *self.inner.chain()]
+
+    def raw_scores(self, layer):
+        return self.inner.raw_scores(layer)
+
+    def request(self, phase):
         return self.inner.request(phase)
 
-    def evicts_during(self, phase: str) -> bool:
+    def update(self, layer, signals) -> None:
+        self.inner.update(layer, signals)
+
+    def evicts_during(self, phase):
         return self.inner.evicts_during(phase)
 
-    def score(self, layer: PrunedLayer) -> torch.Tensor:
+    def budget_of(self, layer):
+        return self.inner.budget_of(layer)
+
+    def score(self, layer):
         return self.inner.score(layer)
 
-    def keep_counts(self, layer: PrunedLayer) -> torch.Tensor:
+    def keep_counts(self, layer):
         return self.inner.keep_counts(layer)
 
-    def protected(self, layer: PrunedLayer) -> torch.Tensor:
+    def protected(self, layer):
         return self.inner.protected(layer)
+
+    def eligible(self, layer):
+        return self.inner.eligible(layer)
+
+    def over_budget(self, layer, counts, slack):
+        return self.inner.over_budget(layer, counts, slack)
+
+    def compacted(self, layer, selection) -> None:
+        self.inner.compacted(layer, selection)
+
+    def allocate(self, layers):
+        return self.inner.allocate(layers)
+
+    def storage(self, layer):
+        return self.inner.storage(layer)

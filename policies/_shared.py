@@ -16,7 +16,7 @@ def shift_nonnegative(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def pruned_layer_index(layer) -> tuple[int, int]:
     """`(index, count)` of `layer` among the pruned layers of its cache (sliding-window layers keep
     transformers' own cache and are not counted)."""
-    from kvpress.cache import PrunedLayer
+    from kvpress.layer import PrunedLayer
 
     pruned = [other for other in layer.cache.layers if isinstance(other, PrunedLayer)]
     index = next(i for i, other in enumerate(pruned) if other is layer)

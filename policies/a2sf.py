@@ -45,4 +45,4 @@ class A2SF(Policy):
         return phase == PREFILL or not self.prefill_only
 
     def score(self, layer) -> torch.Tensor:
-        return layer.scores
+        return self.raw_scores(layer)

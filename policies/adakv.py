@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.policy import Selection, Wrapper, top_k_selection
+from kvpress.policy import Wrapper
 
 
 @dataclass
@@ -23,7 +23,8 @@ class AdaKV(Wrapper):
     keeps `max_h` slots per head and masks the surplus. Sums over the heads are within `Hkv / 2` of
     the uniform total (rounding). Scores are compared across heads as the inner policy gives them
     (attention mass summed over each group: every head sums the same number of query rows).
-    Put AdaKV outermost: a wrapper around it sees its counts but uses the base trigger.
+    Score wrappers (VATP, CAOTE, GraphKV) go inside AdaKV, so its counts come from the scores it ranks by;
+    the other order is refused when built.
     """
 
     floor: float = 0.2
@@ -33,10 +34,19 @@ class AdaKV(Wrapper):
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
             raise ValueError(f"AdaKV: floor must be a float in [0, 1], got {self.floor!r}")
 
+    def refuse(self, inner):
+        from kvpress.policies.spatten import SpAtten
+
+        if isinstance(inner, SpAtten):
+            return "SpAtten prunes the same tokens in every head of a layer, so per-head budgets do not apply"
+        if isinstance(inner, AdaKV):
+            return "AdaKV appears twice; use one adakv(...)"
+        return None
+
     def keep_counts(self, layer) -> torch.Tensor:
         uniform = self.inner.keep_counts(layer)  # [B, Hkv]
         protected = self.protected(layer)
-        candidates = layer.valid & ~protected  # [B, Hkv, P]
+        candidates = self.eligible(layer) & ~protected  # [B, Hkv, P]
         fixed = protected.sum(dim=-1)  # [B, Hkv]
         free = (uniform - fixed).clamp(min=0)  # C_h
         batch, heads, slots = candidates.shape
@@ -48,15 +58,13 @@ class AdaKV(Wrapper):
         rank = torch.empty_like(order).scatter_(-1, order, positions)
         rank = rank.flip(-1).view(batch, heads, slots)
         chosen = candidates & (rank < free.sum(dim=-1)[:, None, None])
-        counts = chosen.sum(dim=-1).double()  # n_h
-        floored = torch.round(counts * (1 - self.floor) + self.floor * free.double()).long()
+        counts = chosen.sum(dim=-1).float()  # n_h, exact in fp32
+        floored = torch.round(counts * (1 - self.floor) + self.floor * free.float()).long()
         return torch.minimum(floored, candidates.sum(dim=-1)) + fixed
 
-    def select(self, layer, slack: int = 0) -> Selection | None:
+    def over_budget(self, layer, counts, slack) -> bool:
+        """The layer's heads share their budget: compact when a row holds more than the uniform total
+        plus `slack` per head."""
         held = layer.valid.sum(dim=(-1, -2))  # [B]
         allowed = self.inner.keep_counts(layer).sum(dim=-1) + slack * layer.num_heads
-        if bool((held <= allowed).all()):
-            return None
-        counts = self.keep_counts(layer)
-        return top_k_selection(self.score(layer).float(), layer.valid, self.protected(layer), counts,
-                               int(counts.max()))
+        return bool((held > allowed).any())

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.policies._shared import shift_nonnegative
 from kvpress.policy import Wrapper
 
 
@@ -17,24 +16,36 @@ class CAOTE(Wrapper):
     Goel et al., "CAOTE: KV Caching through Attention Output Error based Token Eviction",
     arXiv 2504.14051. For one query, `o = sum_j a_j v_j`; removing slot `j` and renormalising gives
     `o' = (o - a_j v_j) / (1 - a_j)`, so `||o - o'||_2 = a_j / (1 - a_j) * ||o - v_j||_2`.
-    The wrapper normalises the inner scores of each KV head over its valid slots,
-    `a_j = s_j / sum_i s_i` (window-attention and last-row policies already score probabilities;
-    accumulated scores become their average attention), takes `o = sum_j a_j v_j` with the head's
-    cached values, and scores `c_j = a_j / max(1 - a_j, 1e-6) * ||o - v_j||_2` (fp32).
-    `fast=True` is FastCAOTE: `o` is the unweighted mean of the values.
-    GQA [our choice]: the inner score is already summed over the query heads of the KV group, so
-    `a` is the group's mean attention and the values are the shared ones. Negative inner scores are
-    shifted to >= 0 per head first [our choice]. The inner policy's protection applies after
-    scoring. No hyperparameters of its own.
+    `a_j` is the attention weight of slot `j` for its KV head: the inner policy's attention mass,
+    per KV head and unpooled (never its final score, which may be pooled as SnapKV's or summed over
+    heads as TOVA's), normalised over the head's valid slots, `a_j = m_j / sum_i m_i`; window and
+    last-row masses become the mean attention of those rows, accumulated masses the average
+    attention. The wrapper takes `o = sum_j a_j v_j` with the head's cached values and scores
+    `c_j = a_j / max(1 - a_j, 1e-6) * ||o - v_j||_2` (fp32). `fast=True` is FastCAOTE: `o` is the
+    unweighted mean of the values.
+    GQA [our choice]: the mass is summed over the query heads of the KV group, so `a` is the group's
+    mean attention and the values are the shared ones. The inner policy's protection applies after
+    scoring. CAOTE needs attention weights: attention-free inner policies are refused.
     """
 
     fast: bool = False
 
+    def refuse(self, inner):
+        from kvpress.policies.adakv import AdaKV
+        from kvpress.policy import Policy
+
+        if isinstance(inner, AdaKV):
+            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(caote(...))"
+        if isinstance(inner, Policy) and not inner.requests_attention():
+            return (f"{type(inner).__name__} computes no attention, and CAOTE needs the attention weight of each "
+                    "slot; wrap an attention-scoring policy such as h2o, snapkv, tova or a2sf")
+        return None
+
     def score(self, layer) -> torch.Tensor:
         valid = layer.valid  # [B, Hkv, P]
-        inner = shift_nonnegative(self.inner.score(layer).float(), valid).masked_fill(~valid, 0.0)
-        total = inner.sum(dim=-1, keepdim=True)
-        alpha = inner / total.clamp_min(torch.finfo(torch.float32).tiny)  # [B, Hkv, P]
+        mass = self.raw_scores(layer).float().clamp(min=0.0).masked_fill(~valid, 0.0)
+        total = mass.sum(dim=-1, keepdim=True)
+        alpha = mass / total.clamp_min(torch.finfo(torch.float32).tiny)  # [B, Hkv, P]
         values = layer.values.float().masked_fill(~valid[..., None], 0.0)  # [B, Hkv, P, D]
         if self.fast:
             output = values.sum(dim=-2) / valid.sum(dim=-1, keepdim=True).clamp_min(1)  # [B, Hkv, D]

@@ -47,8 +47,15 @@ class GraphKV(Wrapper):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GraphKV: {name} must be an int >= 1, got {value!r}")
 
+    def refuse(self, inner):
+        from kvpress.policies.adakv import AdaKV
+
+        if isinstance(inner, AdaKV):
+            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(graphkv(...))"
+        return None
+
     def score(self, layer) -> torch.Tensor:
-        candidates = layer.valid & ~self.protected(layer)  # [B, Hkv, P]
+        candidates = self.eligible(layer) & ~self.protected(layer)  # [B, Hkv, P]
         scores = shift_nonnegative(self.inner.score(layer).float(), candidates)
         if isinstance(self.seeds, float):
             seeds = max(1, int(self.seeds * int(self.keep_counts(layer).max())))

@@ -32,6 +32,6 @@ class H2O(Policy):
 
     def score(self, layer) -> torch.Tensor:
         if not self.normalize:
-            return layer.scores
+            return self.raw_scores(layer)
         observers = (layer.real_seen[:, None, None] - layer.positions).clamp(min=1)
-        return layer.scores / observers
+        return self.raw_scores(layer) / observers

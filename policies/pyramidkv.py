@@ -32,6 +32,16 @@ class PyramidKV(Wrapper):
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
             raise ValueError(f"PyramidKV: beta must be a number >= 1 (top/bottom budget ratio), got {self.beta!r}")
 
+    def refuse(self, inner):
+        from kvpress.policies.adakv import AdaKV
+        from kvpress.policies.spatten import SpAtten
+
+        if isinstance(inner, AdaKV):
+            return "AdaKV shares a layer's budget across its heads; put it outside: adakv(pyramidkv(...))"
+        if isinstance(inner, SpAtten):
+            return "SpAtten sets its own per-layer budgets (token_beta); use spatten alone"
+        return None
+
     def keep_counts(self, layer) -> torch.Tensor:
         uniform = self.inner.keep_counts(layer)  # [B, Hkv]
         index, count = pruned_layer_index(layer)

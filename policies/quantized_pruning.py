@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from kvpress.policy import Wrapper
 from kvpress.quant import KVQuant, check_bits, parse_memory, slots_for_memory
 
@@ -21,8 +19,9 @@ class QuantizedPruning(Wrapper):
     Cache Compression", arXiv 2412.12706. Slots per KV head per layer
     `k = max{k : bytes(k) <= memory / (layers * kv_heads)}` (`memory / kv_heads` with `per_layer`),
     where `bytes(k)` counts packed codes, scales and zero points (in the model dtype), key-block counts
-    and the full-precision residual exactly (`KVQuant.bytes_for_slots`). The inner policy's `budget`
-    is replaced by `k`; memory is per sequence (batch row).
+    and the full-precision residual exactly (`KVQuant.bytes_for_slots`). The chain's `budget` is
+    replaced by `k` (`budget_of`), so the inner policy's own per-layer and per-head counts (PyramidKV,
+    AdaKV) are computed around `k`, in either order of composition; memory is per sequence (batch row).
 
     bits: 2, 4 or 8; None applies the paper's rule: the highest precision (full, then 8, then 4 bits)
     at which the memory holds every token seen at the first eviction, and 4 bits when even 4 bits
@@ -56,8 +55,14 @@ class QuantizedPruning(Wrapper):
         layers = 1 if self.per_layer else sum(type(other) is type(layer) for other in layer.cache.layers)
         return self.memory_bytes // (max(layers, 1) * layer.num_heads)
 
-    def quantization_for(self, layer) -> KVQuant | None:
-        """Storage the cache uses for `layer` (None: full precision, chosen by the rule)."""
+    def refuse(self, inner):
+        if isinstance(inner, QuantizedPruning):
+            return "QuantizedPruning appears twice; use one quantizedpruning(...)"
+        return None
+
+    def storage(self, layer) -> KVQuant | None:
+        """Storage the cache uses for `layer` (None: full precision, chosen by the rule), wherever this
+        policy stands in the chain."""
         if self.bits is not None:
             return KVQuant(self.bits, self.group_size, self.residual)
         store = getattr(layer, "store", None)
@@ -76,7 +81,7 @@ class QuantizedPruning(Wrapper):
     def slots(self, layer) -> int:
         """Slots per KV head for `layer` at the precision its cache stores (a cache's own `quantization`
         overrides this policy's bits)."""
-        quant = layer.cache.quantization_for(layer)
+        quant = layer.cache.storage_for(layer)
         dim, itemsize = layer.keys.shape[-1], layer.keys.element_size()
         if quant is not None:
             quant.check_head_dim(dim)
@@ -90,7 +95,7 @@ class QuantizedPruning(Wrapper):
                 f"policy's sinks + window ({self.sinks} + {self.window}); give more memory or fewer protected slots")
         return slots
 
-    def keep_counts(self, layer) -> torch.Tensor:
-        keep = torch.minimum(torch.full_like(layer.real_seen, self.slots(layer)), layer.real_seen)  # [B]
-        return keep[:, None].expand(-1, layer.num_heads)
-
+    def budget_of(self, layer) -> int:
+        """The chain's budget becomes the slots the memory holds at the chosen precision, so the inner
+        policy's per-layer (PyramidKV) and per-head (AdaKV) counts scale with the precision gain."""
+        return self.slots(layer)

@@ -43,7 +43,7 @@ class SnapKV(Policy):
         return AttentionRequest(rows=self.window, accumulate=False)
 
     def score(self, layer) -> torch.Tensor:
-        return pool_slots(layer.scores, self.kernel, self.pooling)
+        return pool_slots(self.raw_scores(layer), self.kernel, self.pooling)
 
 
 def pool_slots(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
-from kvpress.policy import AttentionRequest, Policy, Selection, top_k_selection
+from kvpress.policy import AttentionRequest, Policy, Selection
+from kvpress.state import State
 
 NEVER = torch.iinfo(torch.long).max
 
 
-class CascadeState:
-    """What SpAtten remembers for one cache, shared by all its layers (indexed by real position).
+class CascadeState(State):
+    """What SpAtten remembers for one cache, shared by all its layers (indexed by real position); the
+    cache owns it, so reset, beam reordering and batch selection cover it.
 
     tokens `[B, N + 1]` fp32: cumulative attention each token received, summed over heads, query rows,
     layers and steps (slot `N` collects padding). gone_from `[B, N + 1]` long: lowest pruned-layer
@@ -29,6 +30,16 @@ class CascadeState:
         self.gone_from: torch.Tensor | None = None
         self.heads: torch.Tensor | None = None
         self.dropped: dict[int, torch.Tensor] = {}
+
+    row_fields = ("tokens", "gone_from", "heads")
+
+    def map_tensors(self, fn) -> None:
+        super().map_tensors(fn)
+        self.dropped = {index: fn(heads) for index, heads in self.dropped.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + sum(heads.nbytes for heads in self.dropped.values())
 
     def ensure(self, layer) -> None:
         """Grow the position-keyed tensors to the tokens seen; column `N` (the last) collects padding."""
@@ -49,8 +60,8 @@ class CascadeState:
         pad = self.tokens.shape[1] - 1
         return torch.where(layer.positions >= 0, layer.positions, pad).flatten(1)
 
-    def absorb(self, layer, output: torch.Tensor | None) -> None:
-        mass = torch.where(layer.valid, layer.scores, 0.0).flatten(1)  # this forward's attention, [B, Hkv*P]
+    def absorb(self, layer, mass: torch.Tensor, output: torch.Tensor | None) -> None:
+        mass = torch.where(layer.valid, mass, 0.0).flatten(1)  # this forward's attention, [B, Hkv*P]
         self.tokens.scatter_add_(1, self.slot_index(layer), mass)
         if output is not None:  # [B, q, Hq, D]
             per_query_head = output.float().abs().sum(dim=(1, 3))  # [B, Hq]
@@ -60,22 +71,15 @@ class CascadeState:
         """`[B, Hkv, P]`: the slot's token was not evicted from any lower layer."""
         return self.gone_from.gather(1, self.slot_index(layer)).view_as(layer.valid) > index
 
-    def record(self, layer, selection: Selection, index: int) -> None:
-        """Tokens this layer held but did not keep are gone from it and every layer above."""
-        where = self.slot_index(layer)
-        held = torch.zeros_like(self.gone_from).scatter_reduce_(1, where, layer.valid.flatten(1).long(), "amax")
-        kept_where = where.gather(1, selection.indices.flatten(1) + _head_offsets(layer, selection))
-        kept = torch.zeros_like(self.gone_from).scatter_reduce_(1, kept_where, selection.valid.flatten(1).long(),
-                                                                 "amax")
-        evicted = (held > 0) & (kept == 0)
-        self.gone_from = torch.where(evicted, self.gone_from.clamp(max=index), self.gone_from)
-
-
-def _head_offsets(layer, selection: Selection) -> torch.Tensor:
-    """Offsets turning per-head slot indices `[B, Hkv, K]` into indices of the flattened `[B, Hkv*P]`."""
-    heads, slots = layer.valid.shape[1], layer.valid.shape[2]
-    offsets = torch.arange(heads, device=layer.valid.device)[:, None] * slots  # [Hkv, 1]
-    return offsets.expand(-1, selection.indices.shape[-1]).flatten()[None]
+    def record_kept(self, layer, index: int) -> None:
+        """After layer `index` compacted: every real token it no longer holds in any head is gone from
+        it and every layer above (a token it had already lost, here or below, keeps its lower index)."""
+        kept = torch.zeros_like(self.gone_from).scatter_reduce_(
+            1, self.slot_index(layer), layer.valid.flatten(1).long(), "amax")  # [B, N + 1]
+        column = torch.arange(kept.shape[1], device=kept.device)
+        real = column[None, :] < layer.real_seen[:, None]
+        gone = real & (kept == 0)
+        self.gone_from = torch.where(gone, self.gone_from.clamp(max=index), self.gone_from)
 
 
 @dataclass
@@ -96,7 +100,7 @@ class SpAtten(Policy):
     cache one). Head pruning acts on KV heads (with GQA a KV head and its query heads go together,
     scored by the sum of its query heads' output magnitudes): a pruned head's slots are invalidated
     and zeroed, later tokens are not stored in it and its query heads output zeros
-    (`PrunedLayer.drop_heads`). Heads are pruned when a layer first compacts (end of prefill) and stay
+    (`SlotStore.switch_off_heads`). Heads are pruned when a layer first compacts (end of prefill) and stay
     pruned. Progressive quantization (attention from the MSBs of Q/K, LSBs fetched only for flat
     softmax rows) and local value pruning save DRAM traffic, not cache contents: they are not part of
     this policy; the cache-size side of quantization is the library's KV quantization.
@@ -107,15 +111,13 @@ class SpAtten(Policy):
     the tokens seen). Heads: every layer keeps all KV heads up to the middle of the stack, then the
     kept count falls linearly to `ceil(head_keep * Hkv)` at the last layer. A recent window of 16
     is kept (as H2O in this library), so a new token is not evicted before it can accumulate
-    attention. State: see `CascadeState`; one per cache, do not reorder batch rows (beam search).
+    attention. State: `CascadeState`, one per cache, owned by the cache (kvpress/state.py).
     """
 
     budget: int | float = 0.25
     window: int = 16
     token_beta: float = 3.0
     head_keep: float = 0.5
-    _states: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False,
-                                               repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,10 +130,8 @@ class SpAtten(Policy):
     def request(self, phase: str) -> AttentionRequest:
         return AttentionRequest(rows=None, accumulate=False)  # this forward's mass; the sum lives in the state
 
-    def state(self, layer) -> CascadeState:
-        if layer.cache not in self._states:
-            self._states[layer.cache] = CascadeState()
-        return self._states[layer.cache]
+    def new_shared_state(self, layer) -> CascadeState:
+        return CascadeState()
 
     def heads_kept(self, heads: int, index: int, count: int) -> int:
         """KV heads kept by pruned layer `index` of `count`: all up to the middle, then linearly fewer."""
@@ -142,8 +142,8 @@ class SpAtten(Policy):
         return heads - round((heads - fewest) * (index - middle) / (count - 1 - middle))
 
     def score(self, layer) -> torch.Tensor:
-        state = self.state(layer)
-        return state.tokens.gather(1, state.slot_index(layer)).view_as(layer.scores)
+        state = layer.shared_state(self)
+        return state.tokens.gather(1, state.slot_index(layer)).view_as(layer.valid)
 
     def keep_counts(self, layer) -> torch.Tensor:
         index, count = pruned_layer_index(layer)
@@ -151,7 +151,7 @@ class SpAtten(Policy):
         window = mean.clamp(max=self.window)
         per_layer = linear_layer_counts(mean - window, layer.real_seen[:, None] - window, index, count,
                                         float(self.token_beta)) + window
-        dropped = self.state(layer).dropped.get(index)
+        dropped = layer.shared_state(self).dropped.get(index)
         return per_layer if dropped is None else per_layer.masked_fill(dropped, 0)
 
     def prune_heads(self, layer, state: CascadeState, index: int, count: int) -> torch.Tensor:
@@ -166,20 +166,24 @@ class SpAtten(Policy):
             state.dropped[index] = below | (rank >= keep)
         return state.dropped[index]
 
-    def select(self, layer, slack: int = 0) -> Selection | None:
-        state = self.state(layer)
+    def update(self, layer, signals) -> None:
+        """Add this forward's attention to the cross-layer token and head scores; at a layer's first
+        eviction, prune its least important heads (and those pruned below it)."""
+        super().update(layer, signals)
+        state = layer.shared_state(self)
         state.ensure(layer)
-        index, count = pruned_layer_index(layer)
-        state.absorb(layer, getattr(layer, "attention_output", None))
-        dropped = self.prune_heads(layer, state, index, count)
-        if bool(dropped.any()):
-            layer.drop_heads(dropped)
-        below = state.held_below(layer, index)  # [B, Hkv, P]
-        counts = self.keep_counts(layer)
-        kept = min(int(counts.max()), layer.num_slots)  # a cascade can leave a layer under its budget
-        if layer.num_slots <= kept + slack and bool((below | ~layer.valid).all()):
-            return None
-        selection = top_k_selection(self.score(layer), layer.valid & below, self.protected(layer) & below,
-                                    counts, kept)
-        state.record(layer, selection, index)
-        return selection
+        state.absorb(layer, self.raw_scores(layer), signals.output)
+        if self.evicts_during(signals.phase):
+            index, count = pruned_layer_index(layer)
+            dropped = self.prune_heads(layer, state, index, count)
+            if bool(dropped.any()):
+                layer.slots.switch_off_heads(dropped)
+
+    def eligible(self, layer) -> torch.Tensor:
+        """A token evicted from a lower layer may not stay in this one (the cascade)."""
+        index, _ = pruned_layer_index(layer)
+        return layer.valid & layer.shared_state(self).held_below(layer, index)
+
+    def compacted(self, layer, selection: Selection) -> None:
+        index, _ = pruned_layer_index(layer)
+        layer.shared_state(self).record_kept(layer, index)

@@ -25,5 +25,6 @@ class TOVA(Policy):
         return AttentionRequest(rows=1, accumulate=False)
 
     def score(self, layer) -> torch.Tensor:
-        # layer.scores: last-row mass summed over the query heads of each KV head -> sum over all heads
-        return layer.scores.sum(dim=1, keepdim=True).expand_as(layer.scores)
+        # last-row mass summed over the query heads of each KV head -> sum over all heads
+        mass = self.raw_scores(layer)
+        return mass.sum(dim=1, keepdim=True).expand_as(mass)

@@ -32,6 +32,13 @@ class VATP(Wrapper):
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"VATP: sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
 
+    def refuse(self, inner):
+        from kvpress.policies.adakv import AdaKV
+
+        if isinstance(inner, AdaKV):
+            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(vatp(...))"
+        return None
+
     def score(self, layer) -> torch.Tensor:
         inner = shift_nonnegative(self.inner.score(layer).float(), layer.valid)  # [B, Hkv, P]
         return inner * layer.values.float().abs().sum(dim=-1)

@@ -54,7 +54,7 @@ def test_own_attention_path_matches_logits_closely():
 def test_ordinary_cache_is_untouched_by_the_hook():
     model = tiny_model("llama", "eager")
     ids = random_ids(1, 12)
-    from kvpress import attention
+    from kvpress import hook as attention
 
     with torch.no_grad():
         with_hook = model(ids, cache=DynamicCache()).logits

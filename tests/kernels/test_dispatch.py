@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
 
-from kvpress.signals import grouped_attention, row_weights
+from kvpress.attention import grouped_attention, row_weights
 from kvpress.triton_kernels import attention_signals, compact_slots, decode_attention, use_triton
 
 # the package re-exports functions named like their modules: reach the modules themselves

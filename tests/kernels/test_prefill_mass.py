@@ -1,5 +1,5 @@
 """Prefill attention with log-sum-exp and the O(n) per-slot mass pass, against their PyTorch
-references and `kvpress.signals.grouped_attention`."""
+references and `kvpress.attention.grouped_attention`."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
 
-from kvpress.signals import grouped_attention, row_weights
+from kvpress.attention import grouped_attention, row_weights
 from kvpress.triton_kernels.prefill_mass import (
     attention_with_lse_reference,
     attention_with_lse_triton,

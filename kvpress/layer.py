@@ -1,0 +1,196 @@
+"""`PrunedLayer`: one full-attention layer of a `PrunedCache`, as transformers sees it.
+
+The layer is the contract with transformers (`update`, `get_seq_length`, `get_mask_sizes`, batch
+operations, `reset`) plus the glue of one forward (`attend`). What it holds has named homes:
+slot storage in `SlotStore` (kvpress/slots.py), the attention path in kvpress/attention.py, the
+policy's state in `State` objects (kvpress/state.py) and the eviction step in kvpress/eviction.py.
+
+The layer's logical length `seen` is what transformers sees as the sequence length; the physical
+window is described to the mask code as `[seen - P, seen + q)` (integration-notes.md 1.4).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvpress import attention
+from kvpress import hook
+from kvpress.eviction import after_attention
+from kvpress.policy import DECODE, PREFILL
+from kvpress.report import LayerReport
+from kvpress.slots import SlotStore
+from kvpress.state import Allocation, ScoreState, State
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvpress.cache import PrunedCache
+
+
+class PrunedLayer(DynamicLayer):
+    """One full-attention layer of a `PrunedCache` (or a sliding-window layer of a model whose every
+    layer slides, with the window as one more eviction rule): slot storage, the policy's per-layer
+    state, and the eviction step after attention."""
+
+    is_croppable = False
+
+    def __init__(self, cache: PrunedCache, layer_idx: int, sliding_window: int | None = None):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self._clear()
+
+    def _clear(self) -> None:
+        self.slots: SlotStore | None = None
+        self.states: dict[int, State] = {}  # id(policy) -> that policy's state for this layer
+        self.allocation: Allocation | None = None  # sizes chosen by a cross-layer allocation
+        self.seen = 0
+        self.evictions = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    # ---- what policies read ----
+    keys = property(lambda self: self.slots.keys if self.slots is not None else None, lambda self, v: None)
+    values = property(lambda self: self.slots.values if self.slots is not None else None, lambda self, v: None)
+    valid = property(lambda self: self.slots.valid)
+    positions = property(lambda self: self.slots.positions)
+    real_seen = property(lambda self: self.slots.real_seen)
+    store = property(lambda self: self.slots.quantized if self.slots is not None else None)
+    num_slots = property(lambda self: 0 if self.slots is None else self.slots.num_slots)
+    num_heads = property(lambda self: self.slots.num_heads)
+    batch = property(lambda self: self.slots.batch)
+    device = property(lambda self: self.slots.valid.device, lambda self, v: None)
+
+    @property
+    def budget(self) -> int | float:
+        """The budget the cache's policy chain enforces on this layer."""
+        return self.cache.policy.budget_of(self)
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """The running attention mass of the policy chain (`[B, Hkv, P]`), None if it needs none."""
+        return self.cache.policy.raw_scores(self) if self.cache.policy is not None else None
+
+    def state(self, policy) -> State | None:
+        """The per-layer state of `policy` (one of the cache's policy chain), None if it keeps none."""
+        return self.states.get(id(policy))
+
+    def shared_state(self, policy) -> State:
+        """The cross-layer state of `policy` in this layer's cache."""
+        return self.cache.shared_state(policy, self)
+
+    def score_state(self) -> ScoreState | None:
+        return next((s for s in self.states.values() if isinstance(s, ScoreState)), None)
+
+    # ---- transformers' layer contract ----
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.slots = SlotStore(key_states, value_states)
+        self.dtype = key_states.dtype
+        policy = self.cache.policy
+        for member in policy.chain() if policy is not None else ():
+            state = member.new_layer_state(self)
+            if state is not None:
+                self.states[id(member)] = state
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        keys, values = self.slots.append(key_states, value_states)
+        for state in self.states.values():
+            state.append_slots(q)
+        self.seen += q
+        hook.leave_handoff(hook.Handoff(self.cache, self.cache.forward_index, self, keys))
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        slots = self.num_slots
+        return slots + query_length, self.seen - slots
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): a PrunedCache cannot be cropped, evicted tokens are gone. "
+                "Assisted/speculative decoding and other callers of crop are not supported; crop(0) is a no-op."
+            )
+
+    def reset(self) -> None:
+        self._clear()
+
+    def map_tensors(self, fn) -> None:
+        """Apply a batch operation or a device move to the slots and every policy state."""
+        if not self.is_initialized:
+            return
+        self.slots.map_tensors(fn)
+        for state in self.states.values():
+            state.map_tensors(fn)
+        if self.allocation is not None:
+            self.allocation.map_tensors(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_tensors(lambda t: t[indices, ...])
+
+    # ---- one forward (called by the attention hook) ----
+    def attend(self, original, module, query, key, value, attention_mask, *args, **kwargs):
+        if not self.cache.types_known:
+            holder = self.cache.adopt_model_config(module.config, self)
+            if holder is not self:  # transformers' own sliding layer: its own attention, never pruned
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+        self._check_call(module, kwargs)
+        batch, _, q, _ = query.shape
+        phase = PREFILL if q > 1 else DECODE
+        # generate extends the mask with ones while decoding: one new token is always real
+        new_valid = attention.new_token_validity(attention_mask, batch, q) if q > 1 else None  # [B, q] or None
+        if new_valid is not None:
+            self.slots.mark_new_tokens(new_valid)
+        policy = self.cache.policy
+        request = policy.request(phase) if policy is not None else None
+        output, signals = attention.attend(self, original, module, query, key, value, attention_mask, args,
+                                           kwargs, request, phase, new_valid)
+        if policy is not None:
+            policy.update(self, signals)
+        after_attention(self, phase)
+        self.slots.end_forward(self.cache.storage_for(self))
+        return output
+
+    def _check_call(self, module, kwargs) -> None:
+        if module.training or kwargs.get("dropout", 0.0):
+            raise NotImplementedError("PrunedCache is for inference: call model.eval() (dropout must be 0).")
+        window = kwargs.get("sliding_window")
+        if window is not None and window != self.sliding_window:
+            raise NotImplementedError(
+                f"Layer {self.layer_idx} uses sliding-window attention (window {window}) but is a pruned full-attention "
+                "layer: pass PrunedCache(policy, config=model.config) so the cache knows the layer types."
+            )
+        if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+            raise NotImplementedError("PrunedCache supports causal decoder attention only.")
+        if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+            raise NotImplementedError(
+                "Attention sinks / position biases are not supported. Supported model families: "
+                + ", ".join(hook.SUPPORTED_FAMILIES))
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", "eager")
+        if impl not in hook.SUPPORTED_IMPLEMENTATIONS:
+            raise NotImplementedError(
+                f"attn_implementation={impl!r} is not supported by PrunedCache; use one of "
+                + ", ".join(hook.SUPPORTED_IMPLEMENTATIONS))
+
+    def report(self) -> LayerReport:
+        held = 0
+        if self.is_initialized:
+            held = self.slots.nbytes + sum(state.nbytes for state in self.states.values())
+        return LayerReport(self.layer_idx, self.seen, self.num_slots, held, self.evictions)
