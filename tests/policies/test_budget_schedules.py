@@ -41,12 +41,19 @@ def test_pyramidkv_keeps_the_uniform_total_over_layers_of_a_model():
     assert all(layer.valid.sum(-1).min() == layer.valid.sum(-1).max() for layer in pyramid.layers)
 
 
+class FakeLayer(SimpleNamespace):
+    """Just what AdaKV(SnapKV) reads of a layer: slots, positions and the SnapKV score state."""
+
+    def state(self, policy):
+        return SimpleNamespace(scores=self.scores)
+
+
 def fake_layer(scores, window_start):
     heads, slots = scores.shape
     positions = torch.arange(slots).expand(1, heads, slots)
-    return SimpleNamespace(scores=scores[None].float(), valid=torch.ones(1, heads, slots, dtype=torch.bool),
-                           positions=positions, real_seen=torch.tensor([slots]), num_heads=heads,
-                           num_slots=slots, window_start=window_start)
+    return FakeLayer(scores=scores[None].float(), valid=torch.ones(1, heads, slots, dtype=torch.bool),
+                     positions=positions, real_seen=torch.tensor([slots]), num_heads=heads, num_slots=slots,
+                     window_start=window_start, budget=12, allocation=None)
 
 
 def naive_adakv_counts(scores, budget, window, floor):

@@ -20,7 +20,7 @@ def test_token_scores_accumulate_over_heads_layers_and_steps():
     reference = eager_reference(model, torch.cat([ids, extra], 1))
     # every query row of every step adds its attention, in every layer and head
     expected = sum(att.sum(dim=(1, 2)) for att, _, _ in reference)[0]  # [T]
-    state = policy.state(cache.layers[0])
+    state = cache.layers[0].shared_state(policy)
     torch.testing.assert_close(state.tokens[0, :23].double(), expected, rtol=1e-4, atol=1e-4)
     heads = sum(head_output_magnitude(att, values, 2) for att, _, values in reference)
     torch.testing.assert_close(state.heads.double(), heads, rtol=1e-4, atol=1e-3)
@@ -66,7 +66,7 @@ def test_pruned_heads_are_no_longer_stored_or_attended_and_the_model_generates()
     dropped = ~layer.valid[0].any(-1)  # [Hkv]
     assert int(dropped.sum()) == 1
     head = int(dropped.nonzero()[0])
-    assert layer.dropped_heads[0].tolist() == dropped.tolist()
+    assert layer.slots.heads_off[0].tolist() == dropped.tolist()
     for step in outputs[1:]:  # decoding steps: the pruned KV head's query heads output zeros
         per_head = step.view(1, 1, 4, 16)
         assert per_head[0, 0, 2 * head: 2 * head + 2].abs().max() == 0
@@ -78,4 +78,6 @@ def test_state_is_per_cache():
     policy = SpAtten(budget=0.5, window=2)
     first = prefill(model, ids, policy)
     second = prefill(model, ids, policy)
-    torch.testing.assert_close(policy.state(first.layers[0]).tokens, policy.state(second.layers[0]).tokens)
+    first_state, second_state = first.layers[0].shared_state(policy), second.layers[0].shared_state(policy)
+    assert first_state is not second_state
+    torch.testing.assert_close(first_state.tokens, second_state.tokens)
