@@ -38,7 +38,7 @@ class AdaKV(Wrapper):
         from kvpress.policies.spatten import SpAtten
 
         if isinstance(inner, SpAtten):
-            return "SpAtten prunes the same tokens in every head of a layer, so per-head budgets do not apply"
+            return "SpAtten prunes the same tokens in every head of a layer, so per-head budgets do not apply; use spatten alone"
         if isinstance(inner, AdaKV):
             return "AdaKV appears twice; use one adakv(...)"
         return None

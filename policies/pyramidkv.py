@@ -38,6 +38,8 @@ class PyramidKV(Wrapper):
 
         if isinstance(inner, AdaKV):
             return "AdaKV shares a layer's budget across its heads; put it outside: adakv(pyramidkv(...))"
+        if isinstance(inner, PyramidKV):
+            return "PyramidKV appears twice; use one pyramidkv(...) with the beta you want"
         if isinstance(inner, SpAtten):
             return "SpAtten sets its own per-layer budgets (token_beta); use spatten alone"
         return None
