@@ -31,12 +31,13 @@ CHUNK_ELEMENTS = 1 << 20
 def row_weights(num_rows: int, rows: int | None, decay: float, device) -> torch.Tensor:
     """`[num_rows]` weight of each query row in the mass: `decay ** age` for the last `rows` rows
     (all rows when None), 0 before them. Age 0 is the newest row."""
-    # float64 on the host, then fp32 on the device (some devices, e.g. Apple's MPS, have no float64)
-    age = torch.arange(num_rows - 1, -1, -1, dtype=torch.float64)
-    weights = torch.exp(age * math.log(decay)) if decay != 1.0 else torch.ones(num_rows, dtype=torch.float64)
+    # fp32 throughout (some devices, e.g. Apple's MPS, have no float64); `exp(age * ln decay)` keeps
+    # the relative error of a power at fp32 rounding and underflows to 0 harmlessly
+    age = torch.arange(num_rows - 1, -1, -1, device=device, dtype=torch.float32)
+    weights = torch.exp(age * math.log(decay)) if decay != 1.0 else torch.ones_like(age)
     if rows is not None:
         weights = torch.where(age < rows, weights, torch.zeros_like(weights))
-    return weights.to(device=device, dtype=torch.float32)
+    return weights
 
 
 def grouped_attention(
@@ -134,11 +135,12 @@ def visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
-def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None, q: int) -> bool:
-    """Whether a 4-D model mask says more than causal order and padding: among real query rows, the new
-    tokens must see exactly the real new tokens at or before them, and every real row the same older
-    columns. Custom 4-D masks and bidirectional blocks fail this; transformers' causal, sliding-window
-    (checked separately) and padding masks pass."""
+def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None, q: int,
+                       window: int | None = None) -> bool:
+    """Whether a 4-D model mask says more than causal order, padding and the layer's sliding window:
+    among real query rows, the new tokens must see exactly the real new tokens at or before them (and
+    within the window), and, without a window, every real row the same older columns. Custom 4-D masks
+    and bidirectional blocks fail this; transformers' causal, sliding-window and padding masks pass."""
     if mask is None or mask.dim() != 4 or q == 1:
         return False
     allowed = visible(mask).any(dim=1)  # [B, q, kv]
@@ -146,8 +148,13 @@ def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None
     real = new_valid if new_valid is not None else torch.ones(batch, q, dtype=torch.bool, device=mask.device)
     causal = torch.ones(q, q, dtype=torch.bool, device=mask.device).tril()
     expected_new = causal & real[:, None, :]  # [B, q, q]
+    if window is not None:
+        position = torch.cumsum(real.long(), dim=-1)  # [B, q], real tokens only matter
+        expected_new = expected_new & (position[:, :, None] - position[:, None, :] < window)
     rows = real[:, :, None]
     new_block_differs = ((allowed[..., -q:] != expected_new) & rows).any()
+    if window is not None:
+        return bool(new_block_differs)
     older = allowed[..., :-q]
     reference_row = older.gather(1, real.long().argmax(dim=1)[:, None, None].expand(-1, 1, older.shape[-1]))
     older_differs = ((older != reference_row) & rows).any()
@@ -169,7 +176,7 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     clean = not slots.may_hold_invalid and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
     if window is not None and q > 1 and layer.evictions:
         clean = False  # the model's sliding mask assumes consecutive slots
-    if mask_has_structure(attention_mask, new_valid, q):
+    if mask_has_structure(attention_mask, new_valid, q, window):
         if not clean or request is not None:
             raise ValueError(
                 f"layer {layer.layer_idx}: the attention mask carries structure beyond causal order and padding "

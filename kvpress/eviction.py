@@ -30,17 +30,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def after_attention(layer: PrunedLayer, phase: str) -> None:
-    """Evict what `layer`'s policy (and its sliding window) no longer keeps after this forward."""
+    """Evict what `layer`'s sliding window (first) and policy (then) no longer keep after this forward."""
     cache = layer.cache
     policy = cache.policy
-    deferred = policy is not None and phase == PREFILL and policy.allocates_across_layers
-    if deferred:
-        cache.prefill_pending = True
-    selection = None
-    if policy is not None and not deferred and policy.evicts_during(phase):
-        selection = policy.select(layer, cache.slack)
     if layer.sliding_window is not None:
-        selection = within_window(layer, selection)
+        selection = within_window(layer)
+        if selection is not None:
+            compact(layer, selection)
+    if policy is None or not policy.evicts_during(phase):
+        return
+    if phase == PREFILL and policy.allocates_across_layers:
+        cache.prefill_pending = True
+        return
+    selection = policy.select(layer, cache.slack)
     if selection is not None:
         compact(layer, selection)
 
@@ -60,26 +62,17 @@ def compact(layer: PrunedLayer, selection: Selection) -> None:
         layer.cache.policy.compacted(layer, selection)
 
 
-def within_window(layer: PrunedLayer, selection: Selection | None) -> Selection | None:
-    """Drop slots older than the layer's sliding window from `selection` (or from every slot when the
-    policy kept everything): a query at position p sees positions above p - window, so after this
-    forward only the last `window - 1` real tokens can still be seen."""
+def within_window(layer: PrunedLayer) -> Selection | None:
+    """The slots inside the layer's sliding window, or None when every valid slot is: a query at
+    position p sees positions above p - window, so after this forward only the last `window - 1` real
+    tokens can still be seen."""
     oldest = layer.real_seen[:, None, None] - (layer.sliding_window - 1)  # [B, 1, 1]
     in_window = layer.valid & (layer.positions >= oldest)
-    if selection is None:
-        if bool((in_window == layer.valid).all()):
-            return None
-        counts = in_window.sum(-1)
-        return top_k_selection(layer.positions.float(), in_window, in_window, counts,
-                               min(int(counts.max()), layer.num_slots))
-    kept_in_window = selection.valid & in_window.gather(-1, selection.indices)
-    if bool((kept_in_window == selection.valid).all()):
-        return selection
-    counts = kept_in_window.sum(-1)
-    width = int(counts.max())
-    # move the surviving slots first (stable), keep the ascending order among them
-    order = torch.argsort((~kept_in_window).to(torch.int8), dim=-1, stable=True)[..., :width]
-    return Selection(indices=selection.indices.gather(-1, order), valid=kept_in_window.gather(-1, order))
+    if bool((in_window == layer.valid).all()):
+        return None
+    counts = in_window.sum(-1)
+    return top_k_selection(layer.positions.float(), in_window, in_window, counts,
+                           min(int(counts.max()), layer.num_slots))
 
 
 def allocate_across_layers(cache: PrunedCache) -> None:

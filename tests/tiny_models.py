@@ -11,7 +11,7 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),  # sliding_window 4096
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"use_sliding_window": False}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
@@ -21,7 +21,7 @@ FAMILIES = {
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6,
                 "layer_types": ["sliding_attention", "full_attention", "full_attention"]}),
-    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"sliding_window": None}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"sliding_window": 2047}),  # as published
 }
 # Gemma2 refuses sdpa at load time.
 IMPLEMENTATIONS = {name: ("eager",) if name == "gemma2" else ("sdpa", "eager") for name in FAMILIES}
