@@ -1,6 +1,7 @@
 """Answers of every policy configuration on the end-to-end retrieval prompts (tests/retrieval.py,
-the first three cases), with SmolLM2-135M-Instruct on CPU. The counts recorded in
-tests/test_real_model.py come from this command:
+the first three cases), with SmolLM2-135M-Instruct on CPU: how many greedy answers contain the fact,
+and the mean negative log-likelihood of the fact's tokens teacher-forced after the prompt. The values
+recorded in tests/test_real_model.py come from this command:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_counts.py [--shard i/n]
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from retrieval import E2E_CASES, answers, policy_configs
+from retrieval import E2E_CASES, answer_and_nll, policy_configs
 
 from kvpress import load_model
 from kvpress.spec import build_cache, parse_spec
@@ -28,8 +29,11 @@ def main() -> None:
             continue
         start = time.perf_counter()
         spec = parse_spec(spec_text)
-        result = answers(model, tokenizer, lambda: build_cache(spec), E2E_CASES)
-        print(f"{name:24s} {sum(result)}/{len(result)} {result} {time.perf_counter() - start:.1f}s", flush=True)
+        results = [answer_and_nll(model, tokenizer, build_cache(spec), case) for case in E2E_CASES]
+        answered = [ok for ok, _ in results]
+        nll = sum(value for _, value in results) / len(results)
+        print(f"{name:24s} {sum(answered)}/{len(answered)} {answered} nll {nll:.3f} "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class PrunedCache(Cache):
             raise ValueError(f"quantization must be a kvpress.KVQuant or None, got {type(quantization).__name__}")
         super().__init__(layers=[])
         self.policy = policy
+        self.chain = policy.chain() if policy is not None else []  # outermost first
         self.slack = slack
         self.quantization = quantization
         self.types_known = False
@@ -70,7 +71,7 @@ class PrunedCache(Cache):
     def _start(self) -> None:
         self.forward_index = 0
         self._last_layer = -1
-        self.shared: dict[int, State] = {}  # id(policy) -> that policy's cross-layer state
+        self.shared: dict[int, State] = {}  # depth of a policy in the chain -> its cross-layer state
         self.prefill_pending = False  # a cross-layer allocation waits for the end of the prompt
 
     def _build_layers(self, config) -> None:
@@ -124,10 +125,18 @@ class PrunedCache(Cache):
 
     def shared_state(self, policy: EvictionPolicy, layer: PrunedLayer) -> State:
         """The cross-layer state of `policy`, created through it at its first use."""
-        key = id(policy)
+        key = self.depth_of(policy)
         if key not in self.shared:
             self.shared[key] = policy.new_shared_state(layer)
         return self.shared[key]
+
+    def depth_of(self, policy: EvictionPolicy) -> int:
+        """Position of `policy` in this cache's chain. Policies are found by identity, not equality (two
+        equal policies may stand in one chain), and the position, unlike `id`, survives `copy.deepcopy`."""
+        for depth, member in enumerate(self.chain):
+            if member is policy:
+                return depth
+        raise ValueError(f"{type(policy).__name__} is not part of this cache's policy chain")
 
     def storage_for(self, layer: PrunedLayer) -> KVQuant | None:
         """The storage of `layer`: the cache's `quantization`, else the policy chain's choice."""

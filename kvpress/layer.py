@@ -44,7 +44,7 @@ class PrunedLayer(DynamicLayer):
 
     def _clear(self) -> None:
         self.slots: SlotStore | None = None
-        self.states: dict[int, State] = {}  # id(policy) -> that policy's state for this layer
+        self.states: dict[int, State] = {}  # depth of a policy in the cache's chain -> its state here
         self.allocation: Allocation | None = None  # sizes chosen by a cross-layer allocation
         self.seen = 0
         self.evictions = 0
@@ -75,7 +75,7 @@ class PrunedLayer(DynamicLayer):
 
     def state(self, policy) -> State | None:
         """The per-layer state of `policy` (one of the cache's policy chain), None if it keeps none."""
-        return self.states.get(id(policy))
+        return self.states.get(self.cache.depth_of(policy))
 
     def shared_state(self, policy) -> State:
         """The cross-layer state of `policy` in this layer's cache."""
@@ -89,10 +89,10 @@ class PrunedLayer(DynamicLayer):
         self.slots = SlotStore(key_states, value_states)
         self.dtype = key_states.dtype
         policy = self.cache.policy
-        for member in policy.chain() if policy is not None else ():
+        for depth, member in enumerate(self.cache.chain):
             state = member.new_layer_state(self)
             if state is not None:
-                self.states[id(member)] = state
+                self.states[depth] = state
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):

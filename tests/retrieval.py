@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pydoc_data.topics import topics
 
+import copy
+import math
+
 import torch
 
 
@@ -78,6 +81,32 @@ def answers(model, tokenizer, make_cache, cases=RETRIEVAL_CASES, max_new_tokens:
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         results.append(case.answer.lower() in text.lower())
     return results
+
+
+@torch.no_grad()
+def answer_and_nll(model, tokenizer, cache, case: RetrievalCase, max_new_tokens: int = 12) -> tuple[bool, float]:
+    """One prefill of `case`'s prompt into `cache` (eviction included), then on one copy of the cache the
+    greedy answer (True where the expected answer appears in it), and on another the mean negative
+    log-likelihood of the expected answer's tokens, teacher-forced one decoding step at a time (the
+    cache keeps evicting). The NLL measures how much of the fact survives even when the greedy answer
+    misses it."""
+    ids = torch.tensor([build_prompt(case, tokenizer)])
+    logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
+    forced = copy.deepcopy(cache)
+    target = tokenizer(case.answer, add_special_tokens=False).input_ids
+    nll, forced_logits = 0.0, logits
+    for token in target:
+        nll -= torch.log_softmax(forced_logits.float(), dim=-1)[0, token].item()
+        forced_logits = model(torch.tensor([[token]]), cache=forced, use_cache=True).logits[:, -1]
+    generated = []
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax(-1))
+        if token == tokenizer.eos_token_id:
+            break
+        generated.append(token)
+        logits = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits[:, -1]
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return case.answer.lower() in text.lower(), nll / max(1, len(target)) if math.isfinite(nll) else nll
 
 
 def count_answered(model, tokenizer, make_cache, cases=RETRIEVAL_CASES) -> int:

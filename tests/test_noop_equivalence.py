@@ -1,6 +1,8 @@
 """A policy that never evicts gives token-identical output to DynamicCache, on every family,
-attention implementation and decoding strategy: through the pass-through path (no policy) and
-through the library's own attention (a scoring policy whose budget is every token)."""
+attention implementation and decoding strategy: through the pass-through path (no policy), through
+the library's own attention (H2O, which needs every row's attention, whose budget is every token) and
+through the model's attention plus recomputed window rows (SnapKV). The test counts the calls of the
+library's own attention, so that it cannot pass through the model's path alone."""
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ from tiny_models import FAMILY_IMPL, random_ids, tiny_model
 from transformers import DynamicCache
 
 from kvpress import PrunedCache
-from kvpress.policies import H2O, RandomPolicy
+from kvpress import attention as library_attention
+from kvpress.policies import H2O, RandomPolicy, SnapKV
 
 DECODING = {
     "greedy": dict(do_sample=False),
@@ -24,13 +27,20 @@ def generate(model, ids, cache, decoding):
 
 @pytest.mark.parametrize("family,attn", FAMILY_IMPL)
 @pytest.mark.parametrize("decoding", list(DECODING))
-def test_never_evicting_policy_matches_dynamic_cache(family, attn, decoding):
+def test_never_evicting_policy_matches_dynamic_cache(family, attn, decoding, monkeypatch):
     model = tiny_model(family, attn)
     ids = random_ids(2, 20)
     reference = generate(model, ids, DynamicCache(config=model.config), decoding)
-    for policy in (None, RandomPolicy(budget=1.0), H2O(budget=1.0, window=0)):
+    calls = []
+    grouped = library_attention.grouped_attention
+    monkeypatch.setattr(library_attention, "grouped_attention",
+                        lambda *args, **kwargs: calls.append(args[0].shape[2]) or grouped(*args, **kwargs))
+    for policy, own_path in ((None, False), (RandomPolicy(budget=1.0), False), (H2O(budget=1.0, window=0), True),
+                             (SnapKV(budget=1.0, window=4), True)):
+        calls.clear()
         out = generate(model, ids, PrunedCache(policy), decoding)
         assert torch.equal(out, reference), f"{type(policy).__name__} differs from DynamicCache"
+        assert bool(calls) == own_path, f"{type(policy).__name__}: library attention called {len(calls)} times"
 
 
 def test_pass_through_is_bit_identical():

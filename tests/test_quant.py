@@ -202,13 +202,20 @@ def test_every_registered_policy_runs_with_4_bit_storage():
                 policy = cls(H2O(budget=20, window=4))
             else:
                 policy = cls(budget=20, window=4, sinks=2)
-            cache = PrunedCache(policy, quantization=KVQuant(bits=4, group_size=8, residual=4))
+            quant = KVQuant(bits=4, group_size=8, residual=4)
+            cache = PrunedCache(policy, quantization=quant)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=cache,
                                  pad_token_id=0)
             assert out.shape == (2, 52), name
-            for layer in cache.layers:
-                assert layer.store is not None and layer.store.quant.bits == 4, name
-                assert layer.num_slots <= max(20, 40 + 12 - 0) and layer.store.num_slots == layer.num_slots
+            heads = cache.layers[0].num_heads
+            # slots per KV head: the budget, or what QuantizedPruning's memory holds at 4 bits
+            per_head = slots_for_memory(6000 // heads, 16, 4, quant) if issubclass(cls, QuantizedPruning) else 20
+            held = sum(layer.valid.sum(dim=(1, 2)) for layer in cache.layers)  # [B] over layers and heads
+            # per-layer and per-head schedules redistribute the uniform total, within one slot per head
+            assert bool((held <= len(cache.layers) * heads * (per_head + 1)).all()), (name, held.tolist())
+            assert all(layer.store is not None and layer.store.quant.bits == 4 for layer in cache.layers), name
+            # at least one group was really quantized (SpAtten's last layer may keep fewer than a group)
+            assert max(layer.store.quantized_slots for layer in cache.layers) >= 8, name
 
 
 def test_beam_search_and_budget_with_quantized_storage():
