@@ -25,7 +25,9 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
 HAS_TRITON = triton is not None
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256  # larger tiles spill registers (tests/kernels/test_compile.py)
+# head dims the attention kernels take: larger tiles spill registers or overflow shared memory
+# (tests/kernels/test_compile.py); fp32 operands take twice the room of bf16/fp16
+MAX_HEAD_DIM = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 
 
 def interpreting() -> bool:
@@ -76,25 +78,51 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def shared_memory_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block of a CUDA device, the limit Triton checks at launch (no limit
+    elsewhere: the interpreter pipelines nothing)."""
+    if device.type != "cuda":
+        return 1 << 30
+    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _shared_memory(index: int) -> int:
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def pipeline_stages(stage_bytes: int, fixed_bytes: int, limit: int, most: int = 3) -> int:
+    """Software-pipelining depth: the most stages (up to `most`) whose buffers, `stage_bytes` each
+    plus `fixed_bytes`, fit in `limit` bytes of shared memory."""
+    for stages in range(most, 1, -1):
+        if stages * stage_bytes + fixed_bytes <= limit:
+            return stages
+    return 1
+
+
 
 def kernel_refusal(query: torch.Tensor, **others: torch.Tensor) -> str | None:
     """Why the attention kernels cannot take these operands (`None`: they can).
 
     They need one device, one operand dtype among fp32/fp16/bf16 (`tl.dot` takes two operands of
-    the same type), and head dims up to `MAX_HEAD_DIM`.
+    the same type), and head dims up to `MAX_HEAD_DIM` of that dtype.
     """
     if query.dtype not in KERNEL_DTYPES:
         return f"query.dtype must be one of float32/float16/bfloat16 for the Triton kernels, got {query.dtype}"
-    for name, tensor in others.items():
+    largest = MAX_HEAD_DIM[query.dtype]
+    for name, tensor in {"query": query, **others}.items():
         if tensor.device != query.device:
             return f"{name} is on {tensor.device} but query is on {query.device}: the kernels need one device"
-        if tensor.is_floating_point() and tensor.dtype != query.dtype:
+        if not tensor.is_floating_point():
+            continue
+        if tensor.dtype != query.dtype:
             return (f"{name}.dtype ({tensor.dtype}) must equal query.dtype ({query.dtype}) for the Triton kernels; "
                     f"the PyTorch reference (backend='torch') takes mixed dtypes")
-        if tensor.is_floating_point() and tensor.shape[-1] > MAX_HEAD_DIM:
-            return f"{name} head dim must be in [1, {MAX_HEAD_DIM}] for the Triton kernels, got {tensor.shape[-1]}"
-    if query.shape[-1] > MAX_HEAD_DIM:
-        return f"query head dim must be in [1, {MAX_HEAD_DIM}] for the Triton kernels, got {query.shape[-1]}"
+        if not 1 <= tensor.shape[-1] <= largest:
+            return (f"{name} head dim must be in [1, {largest}] for the Triton kernels in {query.dtype}, "
+                    f"got {tensor.shape[-1]}")
     return None
 
 

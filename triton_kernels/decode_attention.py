@@ -30,7 +30,9 @@ from kvpress.triton_kernels._common import (
     next_power_of_2,
     on_device_of,
     pick_triton,
+    pipeline_stages,
     require_kernel_operands,
+    shared_memory_limit,
     tl,
     triton,
 )
@@ -152,6 +154,7 @@ def decode_attention_triton(
     weights = weights.float() if want_mass else part_max
     block_d, block_dv = max(16, next_power_of_2(dim)), max(16, next_power_of_2(value_dim))
     out_programs = group if want_output else 0
+    stages = pipeline_stages(BLOCK_N * (block_d + block_dv) * key.element_size(), 0, shared_memory_limit(device))
 
     with on_device_of(query):
         _decode_split_kernel[(batch * kv_heads, num_splits)](
@@ -165,7 +168,7 @@ def decode_attention_triton(
             BLOCK_G=max(16, next_power_of_2(group)),  # tl.dot needs 16 rows
             BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
             HAS_SOFTCAP=softcap is not None, WANT_OUTPUT=want_output, WANT_MASS=want_mass,
-            **kernel_flags(query.dtype),
+            **kernel_flags(query.dtype), num_stages=stages,
         )
         mass_blocks = triton.cdiv(slots, MASS_BLOCK) if want_mass else 0
         _decode_combine_kernel[(batch * kv_heads, out_programs + mass_blocks)](
@@ -324,22 +327,22 @@ if HAS_TRITON:
                 tl.store(OUT + b * stride_ob + h_q * stride_oh + dv * stride_od, out.to(OUT.dtype.element_ty),
                          mask=dv_ok)
         else:
-            if WANT_MASS:
+            if WANT_MASS:  # names differ from the output branch: Triton types each name once per if/else
                 g = tl.arange(0, BLOCK_G)
                 g_ok = g < GROUP
-                row = bh * GROUP + g
-                part = row[:, None] * num_splits + j[None, :]
-                part_ok = g_ok[:, None] & j_ok[None, :]
-                part_max = tl.load(PART_MAX + part, mask=part_ok, other=float("-inf"))
-                part_sum = tl.load(PART_SUM + part, mask=part_ok, other=0.0)
-                top = tl.max(part_max, axis=1)
-                top = tl.where(top == float("-inf"), 0.0, top)
-                total = tl.sum(part_sum * tl.exp(part_max - top[:, None]), axis=1)  # [BLOCK_G]
-                seen = total > 0.0
-                lse = tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("inf"))
+                rows = bh * GROUP + g
+                cells = rows[:, None] * num_splits + j[None, :]
+                cells_ok = g_ok[:, None] & j_ok[None, :]
+                head_max = tl.load(PART_MAX + cells, mask=cells_ok, other=float("-inf"))
+                head_sum = tl.load(PART_SUM + cells, mask=cells_ok, other=0.0)
+                head_top = tl.max(head_max, axis=1)
+                head_top = tl.where(head_top == float("-inf"), 0.0, head_top)
+                head_total = tl.sum(head_sum * tl.exp(head_max - head_top[:, None]), axis=1)  # [BLOCK_G]
+                seen = head_total > 0.0
+                lse = tl.where(seen, head_top + tl.log(tl.where(seen, head_total, 1.0)), float("inf"))
                 n = (task - out_programs) * MASS_BLOCK + tl.arange(0, MASS_BLOCK)
                 n_ok = n < slots
-                s = tl.load(LOGITS + row[:, None] * slots + n[None, :], mask=g_ok[:, None] & n_ok[None, :],
+                s = tl.load(LOGITS + rows[:, None] * slots + n[None, :], mask=g_ok[:, None] & n_ok[None, :],
                             other=float("-inf"))
                 mass = tl.sum(tl.exp(s - lse[:, None]), axis=0) * (tl.load(WEIGHTS) * keep)  # [MASS_BLOCK]
                 mass_ptrs = MASS + bh * slots + n

@@ -34,6 +34,7 @@ from kvpress.triton_kernels._common import (
     on_device_of,
     pick_triton,
     require_kernel_operands,
+    shared_memory_limit,
     tl,
     triton,
 )
@@ -144,6 +145,30 @@ def _check(query, key, value, slot_valid, query_valid, blocks):
                          f"got {query.shape[2]}")
     if blocks is not None and not all(b >= 16 and next_power_of_2(b) == b for b in blocks):
         raise ValueError(f"blocks must be two powers of two >= 16 (tl.dot tiles), got {blocks}")
+
+
+MAX_ACCUMULATOR_PER_THREAD = 64  # fp32 values: beyond, ptxas spills on sm_80 (tests/kernels/test_compile.py)
+
+
+def fitting_configs(configs, kind: str, element_size: int, block_d: int, block_dv: int, shared_limit: int):
+    """The autotune configurations that fit a target: estimated shared memory (`num_stages`
+    pipelined tiles plus the resident one) within `shared_limit`, and at most
+    `MAX_ACCUMULATOR_PER_THREAD` fp32 accumulator values per thread. `kind`: "attention" (key and
+    value tiles stream, the query tile stays, the accumulator is `[BLOCK_M, Dv]`) or "mass" (query
+    tiles stream, the key tile stays, the accumulator is `[BLOCK_M, BLOCK_N]`). Never empty: with
+    no fit, the configuration of least shared memory."""
+    footprint = lambda config: config_footprint(config, kind, element_size, block_d, block_dv)
+    kept = [c for c in configs if footprint(c)[0] <= shared_limit and footprint(c)[1] <= MAX_ACCUMULATOR_PER_THREAD]
+    return kept or [min(configs, key=footprint)]
+
+
+def config_footprint(config, kind: str, element_size: int, block_d: int, block_dv: int) -> tuple[int, float]:
+    """(estimated shared memory in bytes, fp32 accumulator values per thread) of an autotune
+    configuration; see `fitting_configs`."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    if kind == "attention":
+        return (stages * n * (block_d + block_dv) + m * block_d) * element_size, m * block_dv / (32 * config.num_warps)
+    return (stages * m * block_d + n * block_d) * element_size, m * n / (32 * config.num_warps)
 
 
 def attention_with_lse_triton(
@@ -411,11 +436,22 @@ if HAS_TRITON:
     def _configs(pairs):
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
-    ATTENTION_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4)])
+    # the last two attention tiles exist for head dim 256 (see fitting_configs)
+    ATTENTION_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4),
+                                  (64, 32, 8, 3), (64, 64, 8, 2)])
     MASS_CONFIGS = _configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4)])
+
+    def _prune(kind):
+        def prune(configs, named_args, **kwargs):
+            query = named_args["Q"]
+            return fitting_configs(configs, kind, query.element_size(), kwargs["BLOCK_D"],
+                                   kwargs.get("BLOCK_DV", kwargs["BLOCK_D"]), shared_memory_limit(query.device))
+        return {"early_config_prune": prune}
+
     _attention_lse_tuned = triton.autotune(
         configs=ATTENTION_CONFIGS, key=["GROUP", "HEAD_DIM", "VALUE_DIM", "WANT_OUTPUT", "q_bucket", "s_bucket"],
+        prune_configs_by=_prune("attention"),
     )(_attention_lse_kernel)
     _prefill_mass_tuned = triton.autotune(
-        configs=MASS_CONFIGS, key=["GROUP", "HEAD_DIM", "q_bucket", "s_bucket"],
+        configs=MASS_CONFIGS, key=["GROUP", "HEAD_DIM", "q_bucket", "s_bucket"], prune_configs_by=_prune("mass"),
     )(_prefill_mass_kernel)

@@ -103,6 +103,18 @@ if HAS_TRITON:
         return (x + 12582912.0) - 12582912.0
 
     @_jit
+    def _to_nearest(x, DTYPE: tl.constexpr):
+        """fp32 `x` in `DTYPE`, rounded to nearest even as torch's `.to()`. bf16 is rounded here in
+        integer arithmetic (the interpreter's bf16 cast truncates; a GPU's rounds): adding
+        `0x7FFF + lowest kept bit` carries into the kept bits exactly when rounding goes up."""
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            nan = (bits & 0x7FFFFFFF) > 0x7F800000  # stays NaN
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = tl.where(nan, x, rounded.to(tl.float32, bitcast=True))
+        return x.to(DTYPE)
+
+    @_jit
     def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, M, D: tl.constexpr, GROUP: tl.constexpr,
                                 BITS: tl.constexpr, BLOCK_M: tl.constexpr):
         NG: tl.constexpr = D // GROUP
@@ -116,8 +128,8 @@ if HAS_TRITON:
         low = tl.min(x, axis=2)
         high = tl.max(x, axis=2)
         scale = tl.math.div_rn(high - low, LEVELS * 1.0)
-        scale = scale.to(scale_ptr.dtype.element_ty)
-        zero = low.to(zero_ptr.dtype.element_ty)
+        scale = _to_nearest(scale, scale_ptr.dtype.element_ty)
+        zero = _to_nearest(low, zero_ptr.dtype.element_ty)
         s = scale.to(tl.float32)
         inverse = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
         codes = _round_half_even((x - zero.to(tl.float32)[:, :, None]) * inverse[:, :, None])
@@ -137,8 +149,8 @@ if HAS_TRITON:
         x = tl.load(x_ptr + blk * G * D + t[:, None] * D + d[None, :]).to(tl.float32)  # [G, D]
         low = tl.min(x, axis=0)
         high = tl.max(x, axis=0)
-        scale = tl.math.div_rn(high - low, LEVELS * 1.0).to(scale_ptr.dtype.element_ty)
-        zero = low.to(zero_ptr.dtype.element_ty)
+        scale = _to_nearest(tl.math.div_rn(high - low, LEVELS * 1.0), scale_ptr.dtype.element_ty)
+        zero = _to_nearest(low, zero_ptr.dtype.element_ty)
         s = scale.to(tl.float32)
         inverse = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
         codes = _round_half_even((x - zero.to(tl.float32)[None, :]) * inverse[None, :])

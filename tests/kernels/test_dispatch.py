@@ -107,9 +107,13 @@ def test_auto_falls_back_to_the_reference_on_mixed_dtypes_and_triton_names_them(
         torch.testing.assert_close(mass, ref_mass, **MASS_TOLERANCE)
         with pytest.raises(ValueError, match=r"key.dtype \(torch.float16\) must equal query.dtype"):
             attention_signals(q, key, value, valid, scaling=0.25, weights=weights[:q.shape[2]], backend="triton")
-    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\]"):
-        decode_attention(torch.randn(1, 2, 1, 320), torch.randn(1, 1, 4, 320), torch.randn(1, 1, 4, 320),
+    with pytest.raises(ValueError, match=r"query head dim must be in \[1, 128\] for the Triton kernels in torch.float32"):
+        decode_attention(torch.randn(1, 2, 1, 256), torch.randn(1, 1, 4, 256), torch.randn(1, 1, 4, 256),
                          torch.ones(1, 1, 4, dtype=torch.bool), scaling=0.1, backend="triton")
+    big = torch.randn(1, 2, 1, 320, dtype=torch.bfloat16)
+    out, _ = decode_attention(big, big[:, :1].expand(1, 1, 4, 320), big[:, :1].expand(1, 1, 4, 320),
+                              torch.ones(1, 1, 4, dtype=torch.bool), scaling=0.1)  # auto: the reference
+    assert out.shape == (1, 1, 2, 320)
 
 
 def test_prefill_launchers_name_bad_arguments():

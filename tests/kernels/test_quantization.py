@@ -31,9 +31,11 @@ def test_quantize_values_kernel_matches_reference(bits):
     assert torch.equal(pack(codes, bits), ref_packed)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_quantize_keys_kernel_matches_reference(bits):
-    x = torch.randn(3, 16, 32, device=DEVICE)
+@pytest.mark.parametrize("bits, dtype", [(2, torch.float32), (4, torch.float32), (4, torch.bfloat16),
+                                         (2, torch.float16)])
+def test_quantize_keys_kernel_matches_reference(bits, dtype):
+    # bf16 scales round to nearest even, exactly as torch's cast (the interpreter's own cast truncates)
+    x = torch.randn(3, 16, 32, device=DEVICE).to(dtype) * 3
     x[:, :, 7] *= 30  # outlier channel
     got = qk.quantize_keys_triton(x, bits)
     ref = qk.quantize_keys_reference(x, bits)
