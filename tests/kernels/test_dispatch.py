@@ -78,8 +78,8 @@ def test_generate_with_kernels_matches_the_torch_path_on_cuda(monkeypatch):
 
     def generate():
         cache = PrunedCache(H2O(budget=24, window=4), config=config)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=cache,
-                             pad_token_id=0)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, past_key_values=cache,
+                             pad_token_id=0)  # past_key_values: transformers 5.17 has no cache= yet
         return out, cache
 
     out, cache = generate()
