@@ -13,7 +13,7 @@ cubin assembled by the `ptxas` shipped in the triton wheel, whose `-v` log gives
 and static shared memory (Triton's own dynamic shared memory is in the compiled metadata).
 
 Prints one line per variant and, with `--json`, writes the records for tests/kernels/test_compile.py.
-Runs in its own process: `TRITON_INTERPRET` must be off before triton is imported.
+Run it as a script, in its own process: `TRITON_INTERPRET` must be off before triton is imported.
 """
 
 from __future__ import annotations
@@ -371,6 +371,10 @@ def has_nvidia_backend() -> str | None:
 
 
 def main() -> None:
+    # before anything imports triton (kvpress.triton_kernels does, in `cases`)
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its ptxas -v log when it assembles a kernel
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated")
     parser.add_argument("--workers", type=int, default=1)
