@@ -118,6 +118,8 @@ if [ "$DRY" = 1 ]; then  # the suite itself runs this dry run: one test shows th
 else  # the compile test runs in CI; the dry-run test is for machines without a GPU
     TESTS=("$REPO/tests/kernels" --ignore="$REPO/tests/kernels/test_compile.py"
            --ignore="$REPO/tests/kernels/test_gpu_check.py")
+    # compiling the tests' kernel variants dominates: spread it over processes where xdist is installed
+    "$PYTHON" -c "import xdist" 2>/dev/null && TESTS+=(-n 8)
 fi
 timeout "$TESTS_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider --rootdir "$REPO" -rs --durations=3 \
     "${TESTS[@]}" 2>&1 | tee "$WORK/pytest.log"

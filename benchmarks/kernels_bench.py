@@ -277,10 +277,11 @@ def int64_section(scale: Scale, report: Report) -> None:
     device, stride = scale.device, scale.int64_stride
     kv_heads, slots, dim, q_len = scale.int64_shape
     per_batch = kv_heads * slots * dim
-    storage = torch.zeros(stride + per_batch, device=device, dtype=torch.bfloat16)
-    storage[stride:] = torch.randn(per_batch, device=device, dtype=torch.bfloat16)
-    key = storage.as_strided((2, kv_heads, slots, dim), (stride, slots * dim, dim, 1))
-    value = key.flip(-1)  # same storage, reversed channels: a different tensor with the same offsets
+    storage = torch.zeros(stride + 2 * per_batch, device=device, dtype=torch.bfloat16)
+    storage[stride:] = torch.randn(2 * per_batch, device=device, dtype=torch.bfloat16)
+    shape, strides = (2, kv_heads, slots, dim), (stride, slots * dim, dim, 1)
+    key = storage.as_strided(shape, strides)
+    value = storage.as_strided(shape, strides, per_batch)  # batch 1 right after key's
     query = torch.randn(2, 4 * kv_heads, q_len, dim, device=device, dtype=torch.bfloat16)
     valid = torch.ones(2, kv_heads, slots, dtype=torch.bool, device=device)
     far = lambda t: t[1:].contiguous()  # batch 1, copied next to the start: the reference

@@ -50,9 +50,10 @@ def test_compaction_refuses_indices_outside_the_slots(device, bad):
     positions = torch.arange(50, device=device).expand(1, 2, 50)
     scores = torch.rand(1, 2, 50, device=device)
     indices = kept_indices(1, 2, 50, 8, device)
-    indices[0, 1, 3] = bad
-    with pytest.raises((ValueError, RuntimeError), match=r"indices must be slots in \[0, P=50\)"):
-        compact_slots_triton(keys, keys, positions, scores, indices)
-        torch.cuda.synchronize()  # on a GPU the device-side assertion surfaces here
     with pytest.raises(ValueError, match="indices must be int64/int32"):
         compact_slots_triton(keys, keys, positions, scores, indices.float())
+    if device.type == "cuda":
+        pytest.skip("on a GPU the range check is a device-side assertion, which ends the CUDA context")
+    indices[0, 1, 3] = bad
+    with pytest.raises(ValueError, match=r"indices must be slots in \[0, P=50\), got values in"):
+        compact_slots_triton(keys, keys, positions, scores, indices)
