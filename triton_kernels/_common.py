@@ -102,7 +102,6 @@ def pipeline_stages(stage_bytes: int, fixed_bytes: int, limit: int, most: int = 
     return 1
 
 
-
 def kernel_refusal(query: torch.Tensor, **others: torch.Tensor) -> str | None:
     """Why the attention kernels cannot take these operands (`None`: they can).
 

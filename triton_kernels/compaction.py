@@ -114,8 +114,8 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_VALID: tl.constexpr,
     ):
         """One (tile of kept slots, sequence, KV head): `out[.., j, :] = x[.., indices[j], :]` for every
-        per-slot tensor, the indices read once. An index outside `[0, P)` reads nothing (the launcher
-        has asserted the range)."""
+        per-slot tensor, the indices read once. An index outside `[0, P)` reads and writes nothing (the
+        launcher has asserted the range)."""
         tile = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 elements on large caches
         b = bh // kv_heads
