@@ -119,7 +119,7 @@ if HAS_TRITON:
                                 BITS: tl.constexpr, BLOCK_M: tl.constexpr):
         NG: tl.constexpr = D // GROUP
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: past 2**31 elements
         row_mask = rows < M
         g = tl.arange(0, NG)
         c = tl.arange(0, GROUP)
@@ -143,7 +143,7 @@ if HAS_TRITON:
     def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, D: tl.constexpr, G: tl.constexpr,
                               BITS: tl.constexpr):
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        blk = tl.program_id(0)
+        blk = tl.program_id(0).to(tl.int64)
         t = tl.arange(0, G)
         d = tl.arange(0, D)
         x = tl.load(x_ptr + blk * G * D + t[:, None] * D + d[None, :]).to(tl.float32)  # [G, D]
@@ -165,7 +165,7 @@ if HAS_TRITON:
                            BLOCK_M: tl.constexpr):
         """Values (`PER_CHANNEL=False`): params per row `[M, PARAMS]`, group = D / PARAMS channels.
         Keys (`PER_CHANNEL=True`): params per block `[NB, D]`, the block of row m is `block[m]`."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: past 2**31 elements
         row_mask = rows < M
         d = tl.arange(0, D)
         codes = _unpack(packed_ptr, rows[:, None], d[None, :], D * BITS // 8, BITS, row_mask[:, None])
@@ -185,7 +185,7 @@ if HAS_TRITON:
                                  D: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program per (batch row, query head): online softmax over the quantized slots (codes
         unpacked and dequantized in registers), then over the full-precision residual."""
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)
         b = pid // HQ
         hq = pid % HQ
         h = hq // (HQ // HKV)
