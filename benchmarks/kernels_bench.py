@@ -157,12 +157,12 @@ def equal(got, want, what: str) -> None:
 
 def attention_inputs(scale: Scale, batch, q_heads, kv_heads, q_len, slots, dim, dtype, keep=0.8):
     device = scale.device
-    generator = torch.Generator(device="cpu").manual_seed(slots * 31 + dim)
+    generator = torch.Generator(device=device).manual_seed(slots * 31 + dim)
+    random = lambda *shape: torch.randn(*shape, generator=generator, device=device).to(dtype)
     # transformers passes the query as a transposed view [B, q, Hq, D] -> [B, Hq, q, D]
-    query = torch.randn(batch, q_len, q_heads, dim, generator=generator).to(device, dtype).transpose(1, 2)
-    key = torch.randn(batch, kv_heads, slots, dim, generator=generator).to(device, dtype)
-    value = torch.randn(batch, kv_heads, slots, dim, generator=generator).to(device, dtype)
-    valid = (torch.rand(batch, kv_heads, slots, generator=generator) < keep).to(device)
+    query = random(batch, q_len, q_heads, dim).transpose(1, 2)
+    key, value = random(batch, kv_heads, slots, dim), random(batch, kv_heads, slots, dim)
+    valid = torch.rand(batch, kv_heads, slots, generator=generator, device=device) < keep
     valid[..., slots - q_len:] = True  # a layer's new tokens are valid
     return query, key, value, valid
 
