@@ -43,7 +43,7 @@ def test_decode_matches_reference_across_head_dims_groups_and_dtypes(device, dim
     assert float(mass[~valid].abs().max()) == 0.0  # masked slots receive no mass
 
 
-def test_decode_reference_agrees_with_signals_grouped_attention(device):
+def test_decode_reference_agrees_with_library_grouped_attention(device):
     query, key, value, valid = make_inputs(device, group=4, slots=40)
     weights = torch.tensor([1.0], device=device)
     ref_out, ref_mass = decode_attention_reference(query, key, value, valid, scaling=0.2, softcap=3.0,
