@@ -51,6 +51,16 @@ class Shard:
         """This rank's share: every ``world``-th item starting at ``rank``."""
         return items[self.rank::self.world]
 
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object); the value itself with one process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

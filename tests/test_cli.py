@@ -67,6 +67,11 @@ def test_real_data_requires_max_length(tmp_path, capsys):
     assert "--max-length is required" in capsys.readouterr().err
 
 
-def test_help(capsys):
-    assert cli.main([]) == 0
-    assert "kvpress longbench score DIR" in capsys.readouterr().out
+def test_help_is_plain_usage(capsys):
+    for argv in ([], ["--help"], ["-h"]):
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: kvpress COMMAND")
+        for command in ("compare", "longbench score DIR", "longbench plot DIR", "policies", "torchrun"):
+            assert command in out
+        assert "``" not in out and "::" not in out and ":data:" not in out  # no reStructuredText markup
