@@ -93,8 +93,14 @@ def test_score_and_plot_commands(tmp_path):
 
 def test_comparison_table_reports_score_fidelity_bytes_and_time(tmp_path):
     from kvpress.longbench.plot import plot_comparison
-    from kvpress.longbench.report import (ComparedRun, comparison_csv, comparison_rows, comparison_table,
-                                          per_task_table, score_run)
+    from kvpress.longbench.report import (
+        ComparedRun,
+        comparison_csv,
+        comparison_rows,
+        comparison_table,
+        per_task_table,
+        score_run,
+    )
 
     _fake_run(tmp_path / "a", "full", None, "3", 4000)
     _fake_run(tmp_path / "b", "h2o:budget=0.2", 0.2, "4", 1000)
