@@ -75,3 +75,12 @@ def test_help_is_plain_usage(capsys):
         for command in ("compare", "longbench score DIR", "longbench plot DIR", "policies", "torchrun"):
             assert command in out
         assert "``" not in out and "::" not in out and ":data:" not in out  # no reStructuredText markup
+
+
+def test_documents_the_package_points_to_exist():
+    from pathlib import Path
+
+    import kvpress.longbench
+
+    assert "docs/longbench.md" in kvpress.longbench.__doc__
+    assert (Path(__file__).parents[1] / "docs" / "longbench.md").is_file()
