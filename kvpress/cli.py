@@ -197,10 +197,11 @@ def run_one(args, prep: Prepared, spec_text: str, out_dir: str, *, compress: str
         extra_table = v2_table(result)
         if extra_table:
             print("\nLongBench v2 accuracy\n" + extra_table)
-    notes = result["completeness"]["notes"]
-    if not complete or (notes and prep.source.kind != "sample" and args.limit is None):
-        print("warning: incomplete run: " + "; ".join(notes or ["some samples have no prediction yet"]),
-              file=sys.stderr)
+    done = result["completeness"]
+    if not complete or not done["complete"]:
+        print("warning: incomplete run: " + "; ".join(done["notes"]), file=sys.stderr)
+    elif not done["official_data"] and prep.source.kind != "sample" and args.limit is None:
+        print("warning: the data is not the full official set: " + "; ".join(done["notes"]), file=sys.stderr)
     return result
 
 

@@ -76,10 +76,12 @@ def completeness(counts: dict[str, tuple[int, int | None]]) -> dict:
         suite["complete"] = suite["predicted"] == suite["official"]
     missing = {n: r["dataset"] - r["predicted"] for n, r in tasks_.items()
                if r["dataset"] is not None and r["predicted"] < r["dataset"]}
+    short = {n: r for n, r in tasks_.items() if r["dataset"] is not None and r["dataset"] != r["official"]}
     notes = [f"{n}: {k} sample(s) of the data not predicted yet" for n, k in missing.items()]
+    notes += [f"{n}: the data holds {r['dataset']} records, the official set {r['official']}" for n, r in short.items()]
     notes += [f"{suite}: {row['predicted']} of the official {row['official']} samples"
               for suite, row in suites.items() if not row["complete"]]
-    return {"complete": not missing, "official_complete": all(r["complete"] for r in suites.values()),
+    return {"complete": not missing, "official_data": not short, "official_complete": all(r["complete"] for r in suites.values()),
             "tasks": tasks_, "suites": suites, "notes": notes}
 
 

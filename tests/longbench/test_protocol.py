@@ -141,6 +141,7 @@ def test_scoring_keeps_dataset_ids_and_reports_completeness(tmp_path):
     assert done["suites"]["v1"] == {"predicted": 3, "official": 4750, "complete": False}
     assert "passage_count: 1 sample(s) of the data not predicted yet" in done["notes"]
     assert "v1: 3 of the official 4750 samples" in done["notes"]
+    assert not done["official_data"] and "lcc: the data holds 1 records, the official set 500" in done["notes"]
 
 
 def test_official_suite_sizes_match_the_task_table():
