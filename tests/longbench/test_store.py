@@ -45,3 +45,18 @@ def test_line_counts_cover_rank_files(tmp_path):
     assert store.count_lines("trec") == 5 and store.count_lines("lcc") == 0
     store.write_dataset_ids({"trec": ["a", "b"]})
     assert store.read_dataset_ids() == {"trec": ["a", "b"]}
+
+
+def test_shared_progress_counts_every_workers_lines_capped_per_task(tmp_path):
+    from kvpress.longbench.progress import FileProgress
+
+    store = RunStore(tmp_path / "a")
+    for rank in range(2):
+        with PredictionWriter(store.shard_path("trec", rank, 2)) as writer:
+            writer.write({"_id": str(rank)})
+    with PredictionWriter(RunStore(tmp_path / "b").task_path("trec")) as writer:
+        for i in range(5):
+            writer.write({"_id": str(i)})
+    progress = FileProgress([(tmp_path / "a", "trec", 3), (tmp_path / "b", "trec", 4), (tmp_path / "c", "lcc", 2)],
+                            enabled=False)
+    assert progress.total == 9 and progress.done() == 2 + 4
