@@ -177,10 +177,11 @@ def _progress(total: int, initial: int, desc: str, position: int, enabled: bool)
 
 
 def predict_task(predictor: Predictor, config: Config, records: list[dict], store: RunStore,
-                 shard: Shard, progress: bool = True, stop_after: int | None = None) -> int:
+                 shard: Shard, progress: bool = True, stop_after: int | None = None, offset: int = 0) -> int:
     """Predict this rank's unfinished share of ``records``; returns the number of new predictions.
-    ``stop_after`` ends the loop after that many new samples (used to test interrupted runs)."""
-    mine = shard.take(records)
+    ``stop_after`` ends the loop after that many new samples (used to test interrupted runs); ``offset``
+    is the number of samples of the run's earlier tasks (see ``Shard.take``)."""
+    mine = shard.take(records, offset)
     done = store.done_ids(config.name)
     todo = [r for r in mine if r["_id"] not in done]
     finished = [r for r in store.load(config.name) if r["_id"] in {m["_id"] for m in mine}]
@@ -230,8 +231,10 @@ def run(settings: RunSettings, configs: list[Config], source: DataSource, model,
         store.write_dataset_ids(orders)
     shard.barrier()
     predictor = Predictor(model, tokenizer, settings, make_cache)
+    offset = 0
     for config in configs:
-        predict_task(predictor, config, records[config.name], store, shard, progress, stop_after)
+        predict_task(predictor, config, records[config.name], store, shard, progress, stop_after, offset)
+        offset += len(records[config.name])
     shard.barrier()
     if not shard.is_main:
         return False
