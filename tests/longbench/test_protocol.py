@@ -188,19 +188,25 @@ def test_truncation_length_from_model2maxlen(capsys):
         cli.resolve_max_length(None, "org/unknown-7b", "dir")
 
 
-def test_compare_runs_offline_while_the_hub_answers(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """On a machine where huggingface.co answers, `kvpress compare` still uses the bundled sample and
-    needs no --max-length; the full cache is added as the reference of the fidelity scores."""
+class _Connection:
+    def close(self):
+        pass
+
+
+def _offline(*args, **kwargs):
+    raise OSError("network unreachable")
+
+
+@pytest.mark.parametrize("network", ["answers", "unreachable"])
+def test_compare_uses_the_bundled_sample_online_and_offline(tiny_model_dir, tmp_path, monkeypatch, capsys, network):
+    """Whether huggingface.co answers or not, `kvpress compare` uses the bundled sample and needs no
+    --max-length; the full cache is added as the reference of the fidelity scores."""
     import huggingface_hub
 
     from kvpress import cli
 
-    class Connection:
-        def close(self):
-            pass
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Connection())
+    monkeypatch.setattr(socket, "create_connection", (lambda *a, **k: _Connection()) if network == "answers" else _offline)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **k: pytest.fail("compare used the hub"))
     out = tmp_path / "compare"
     assert cli.main(["compare", "--model", str(tiny_model_dir), "--tasks", "passage_count,lcc", "--limit", "1",
@@ -231,3 +237,14 @@ def test_bad_compare_options_name_the_argument(capsys):
     assert "--max-length must be an integer >= 1, got '0'" in capsys.readouterr().err
     assert cli.compare_specs(["snapkv:budget=0.2", "full"]) == ["full", "snapkv:budget=0.2"]
     assert cli.compare_specs(["h2o:budget=0.5"]) == ["full", "h2o:budget=0.5"]
+
+
+def test_v2_limit_is_not_taken_from_max_length():
+    from kvpress import cli
+
+    parser = cli.argparse.ArgumentParser()
+    cli.add_run_options(parser)
+    args = parser.parse_args(["--tasks", "en16,v2", "--max-length", "31500"])
+    assert args.max_length == 31500 and args.v2_max_length == runner.V2_MAX_LENGTH == 120000
+    assert parser.parse_args(["--v2-max-length", "64000"]).v2_max_length == 64000
+    assert runner.RunSettings(model="m").v2_max_length == 120000
