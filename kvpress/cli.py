@@ -344,7 +344,8 @@ def compare_specs(specs: list[str]) -> list[str]:
 
     parsed = [parse_spec(spec) for spec in specs]  # fails on a bad spec before anything is loaded
     full = [s.text for s in parsed if s.policy is None and not s.options]
-    return [full[0] if full else "full"] + [s.text for s in parsed if s.policy is not None or s.options]
+    others = [s.text for s in parsed if s.policy is not None or s.options]
+    return [full[0] if full else "full", *dict.fromkeys(others)]
 
 
 def compare_main(argv: list[str]) -> int:

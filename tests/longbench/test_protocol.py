@@ -236,7 +236,8 @@ def test_bad_compare_options_name_the_argument(capsys):
         cli.main(["longbench", "--max-length", "0"])
     assert "--max-length must be an integer >= 1, got '0'" in capsys.readouterr().err
     assert cli.compare_specs(["snapkv:budget=0.2", "full"]) == ["full", "snapkv:budget=0.2"]
-    assert cli.compare_specs(["h2o:budget=0.5"]) == ["full", "h2o:budget=0.5"]
+    assert cli.compare_specs(["h2o:budget=0.5", "h2o:budget=0.5"]) == ["full", "h2o:budget=0.5"]
+    assert cli.compare_specs(["snapkv:budget=0.5+kvquant:bits=4"])[0] == "full"  # quantized is not the reference
 
 
 def test_v2_limit_is_not_taken_from_max_length():
