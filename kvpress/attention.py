@@ -184,13 +184,12 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     # the model's mask describes the slots while they are the exact prefix it was built for (padding
     # included); after an eviction or a dropped slot, validity and positions come from the slots
     clean = slots.exact_prefix and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
-    if mask_has_structure(attention_mask, new_valid, q, window):
-        if not clean or request is not None:
-            raise ValueError(
-                f"layer {layer.layer_idx}: the attention mask carries structure beyond causal order and padding "
-                "(a custom 4-D mask or bidirectional blocks); PrunedCache can honour it only with the model's own "
-                "attention over a cache that has not evicted yet and a policy that needs no attention signal. "
-                "Use a causal mask, or PrunedCache(None) / an attention-free policy (knorm, streamingllm) here.")
+    if (not clean or request is not None) and mask_has_structure(attention_mask, new_valid, q, window):
+        raise ValueError(
+            f"layer {layer.layer_idx}: the attention mask carries structure beyond causal order and padding "
+            "(a custom 4-D mask or bidirectional blocks); PrunedCache can honour it only with the model's own "
+            "attention over a cache that has not evicted yet and a policy that needs no attention signal. "
+            "Use a causal mask, or PrunedCache(None) / an attention-free policy (knorm, streamingllm) here.")
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
