@@ -22,11 +22,21 @@ import math
 import torch
 
 from kvpress.policy import AttentionRequest, Signals
+from kvpress.triton_kernels import use_triton
+from kvpress.triton_kernels.decode_attention import decode_attention
 
 # fp32 logits one query chunk may hold (4 MiB): small chunks stay in cache and skip more of the
 # causal triangle; measured faster than 16-64 MiB chunks on CPU (benchmarks/overhead.py).
 CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_ROWS = 16
+# backend of the fused decode step; tests set "triton" to run the kernel in Triton's CPU interpreter
+FUSED_DECODE_BACKEND = "auto"
+
+
+def fused_decode_fold(query: torch.Tensor) -> bool:
+    """Whether a decoding step runs the fused decode kernel, which folds the attention mass into the
+    running score in place (`triton_kernels/decode_attention.py`): on CUDA tensors with triton."""
+    return use_triton(query)
 
 
 def row_weights(num_rows: int, rows: int | None, decay: float, device) -> torch.Tensor:
@@ -69,7 +79,7 @@ def grouped_attention(
     zeros and add no mass on both paths.
     """
     if query.is_cuda and window is None:
-        from kvpress.triton_kernels import attention_signals, use_triton
+        from kvpress.triton_kernels import attention_signals
 
         if use_triton(query):
             return attention_signals(query, key, value, slot_valid, scaling=scaling, softcap=softcap,
@@ -196,6 +206,16 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     softcap = kwargs.get("softcap")
 
     mass = None
+    score_state = layer.score_state() if q == 1 and request is not None and request.accumulate else None
+    if score_state is not None and window is None and fused_decode_fold(query):
+        # the fused decode kernel folds this step's mass into the running score in place
+        weights = row_weights(1, request.rows, request.decay, key.device)
+        running = score_state.scores.contiguous()  # the kernel folds a dense buffer (a copy when capacity > used)
+        out, running = decode_attention(query, key, value, slots.valid, scaling=scaling, softcap=softcap,
+                                        weights=weights, scores=running, decay=request.decay,
+                                        backend=FUSED_DECODE_BACKEND)
+        score_state.scores = running
+        return (out, None), Signals(phase=phase, q=q, request=request, mass=None, output=out, folded=True)
     if clean and (request is None or (request.rows is not None and request.rows < q)):
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
         if request is not None:  # window rows only: recompute them, not the whole attention

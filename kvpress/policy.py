@@ -57,13 +57,15 @@ class AttentionRequest:
 @dataclass(frozen=True)
 class Signals:
     """What one forward of a layer measured: `mass [B, Hkv, S]` fp32 as the request asked (None when
-    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`."""
+    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`.
+    `folded`: the fused decode kernel already folded the mass into the layer's `ScoreState`."""
 
     phase: str
     q: int
     request: AttentionRequest | None
     mass: torch.Tensor | None
     output: torch.Tensor
+    folded: bool = False
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,7 @@ class Policy(EvictionPolicy):
         return state.scores if state is not None else None
 
     def update(self, layer, signals: Signals) -> None:
-        if signals.mass is None:
+        if signals.mass is None or signals.folded:
             return
         state = layer.state(self)
         request = signals.request
