@@ -84,6 +84,8 @@ def grouped_attention(
         if use_triton(query):
             return attention_signals(query, key, value, slot_valid, scaling=scaling, softcap=softcap,
                                      query_valid=query_valid, weights=weights, want_output=want_output)
+    if query.shape[2] == 1 and window is None and query_valid is None:
+        return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output)
     batch, q_heads, q_len, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
@@ -130,6 +132,26 @@ def grouped_attention(
     if want_output:
         output = (torch.cat(outputs, dim=3) * live[:, :, None, None, None]).reshape(batch, q_heads, q_len, -1)
         output = output.transpose(1, 2).to(query.dtype).contiguous()
+    return output, mass
+
+
+def _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output):
+    """`grouped_attention` for one query token: the same quantities in a dozen ops (the decoding step's
+    hot path on CPU); no causal limit applies, every valid slot is older than the query."""
+    batch, q_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    queries = query.float().view(batch, kv_heads, q_heads // kv_heads, dim)  # [B, Hkv, G, D]
+    logits = torch.matmul(queries, key.float().transpose(-1, -2)).mul_(scaling)  # [B, Hkv, G, S]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap).mul_(softcap)
+    logits.masked_fill_(~slot_valid[:, :, None, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1)
+    live = slot_valid.any(dim=-1)  # [B, Hkv]: False for a switched-off head
+    mass = probs.sum(dim=2).mul_(weights[0]).mul_(live[..., None]) if weights is not None else None
+    output = None
+    if want_output:
+        output = torch.matmul(probs, value.float()).mul_(live[..., None, None])  # [B, Hkv, G, Dv]
+        output = output.view(batch, 1, q_heads, -1).to(query.dtype)
     return output, mass
 
 

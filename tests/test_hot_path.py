@@ -105,3 +105,20 @@ def test_fused_decode_kernel_folds_the_score_the_cache_uses(model, name, monkeyp
     assert calls  # the fused path ran
     for a, b in zip(plain.layers, fused.layers):
         torch.testing.assert_close(a.scores[a.valid], b.scores[b.valid], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["h2o", "knorm", "streamingllm", "random", "tova"])
+def test_one_victim_per_step_equals_ranking_every_slot(model, name, monkeypatch):
+    """At slack 0 a decoding step pushes a (row, head) at most one slot over its count, so the cache
+    drops the `argmin` instead of ranking every slot; the kept slots must be the same."""
+    ids, mask = left_pad([random_ids(1, 40, seed=1)[0], random_ids(1, 29, seed=2)[0]])
+    settings = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    fast = PrunedCache(make_policy(name, 12))
+    out_fast = model.generate(ids, cache=fast, **settings)
+    from kvpress.policy import EvictionPolicy
+
+    monkeypatch.setattr(EvictionPolicy, "drops_one_at_most", lambda self, layer: False)
+    ranked = PrunedCache(make_policy(name, 12))
+    assert torch.equal(model.generate(ids, cache=ranked, **settings), out_fast)
+    for a, b in zip(fast.layers, ranked.layers):
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.positions[a.valid], b.positions[b.valid])
