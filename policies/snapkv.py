@@ -43,16 +43,23 @@ class SnapKV(Policy):
         return AttentionRequest(rows=self.window, accumulate=False)
 
     def score(self, layer) -> torch.Tensor:
-        return pool_slots(self.raw_scores(layer), self.kernel, self.pooling)
+        return pool_slots(self.raw_scores(layer), self.kernel, self.pooling, layer.valid)
 
 
-def pool_slots(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
-    """1-D pooling along the slot axis of `[B, H, S]` scores, same length out."""
+def pool_slots(scores: torch.Tensor, kernel: int, pooling: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D pooling along the slot axis of `[B, H, S]` scores, same length out. With `valid`, slots that
+    hold no token (padding, slots dropped while decoding whose old score stays in place) take no part:
+    they add nothing to a max and are not counted in an average."""
     if kernel == 1:
         return scores
-    flat = scores.reshape(-1, 1, scores.shape[-1])
+    shape = scores.shape
+    if valid is not None:
+        scores = scores.masked_fill(~valid, 0.0 if pooling == "avg" else torch.finfo(scores.dtype).min)
+    flat = scores.reshape(-1, 1, shape[-1])
     if pooling == "max":
-        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    else:
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    return pooled.reshape(scores.shape)
+        return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(shape)
+    total = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    if valid is None:
+        return total.reshape(shape)
+    share = F.avg_pool1d(valid.to(scores.dtype).reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
+    return (total / share.clamp_min(torch.finfo(scores.dtype).tiny)).reshape(shape)
