@@ -88,6 +88,10 @@ class PagedEviction(Policy):
             return torch.full_like(layer.real_seen, min(self.block_size, max(1, budget // 4)))
         return (slots_for_budget(budget, layer.real_seen) // 4).clamp(min=1, max=self.block_size)
 
+    def block_size_of(self, layer) -> int:
+        """The block size `layer` uses (the largest over the batch rows), for `PrunedCache.report()`."""
+        return int(self.blocks_of(layer).max())
+
     def block_index(self, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(block [B, P], held [B], size [B])`: each slot's block (rank among the row's valid slots,
         in temporal order, divided by the block size; `P` for an invalid slot), the valid slots of
