@@ -73,6 +73,9 @@ class PagedEviction(Policy):
     def new_layer_state(self, layer) -> PhaseState:
         return PhaseState()
 
+    def raw_scores(self, layer) -> None:
+        return None  # attention-free
+
     def update(self, layer, signals) -> None:
         layer.state(self).phase = signals.phase
 
