@@ -8,7 +8,11 @@ Prints, for a tiny random Llama and for SmolLM2-135M-Instruct (CPU, fp32, sdpa):
 3. decode time per token after a 4k-token prompt, H2O budget 512 (slack 0 and 16) vs DynamicCache
    (target: faster), and
    the cost of evicting while decoding after a 1k-token prompt (budget 0.5, slack 0 and 16);
-4. peak extra memory of the prefill scoring pass of one layer at 2k and 8k tokens (target: linear).
+4. peak extra memory of the prefill scoring pass of one layer at 2k and 8k tokens (target: linear);
+5. peak memory of a whole SmolLM2 prefill with KVCompose (every layer keeps the prompt until the
+   cross-layer allocation, then compacts) vs DynamicCache, at 2k and 8k tokens (target <= 1.1x).
+
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --prefill-memory   # section 5 only
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpress import PrunedCache, load_model
-from kvpress.policies import H2O, SnapKV
+from kvpress.policies import H2O, KVCompose, SnapKV
 from kvpress.attention import grouped_attention, row_weights
 
 torch.set_num_threads(1)
@@ -113,6 +117,37 @@ def _scoring_peak_mib(length: int, heads=9, kv_heads=3, dim=64) -> float:
     return peak.extra_mib
 
 
+def prefill_peak_mib(cache_kind: str, length: int) -> float:
+    """Peak resident memory of one SmolLM2 prefill of `length` tokens above the loaded model, with a
+    `DynamicCache` ("dynamic") or `PrunedCache(KVCompose(budget=0.2))` ("kvcompose", the allocation
+    and compaction included), each in a fresh process."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_prefill_peak_mib, (cache_kind, length))
+
+
+def _prefill_peak_mib(cache_kind: str, length: int) -> float:
+    torch.set_num_threads(1)
+    model, _ = load_model("smollm2")
+    ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(5))
+    cache = DynamicCache() if cache_kind == "dynamic" else PrunedCache(KVCompose(budget=0.2))
+    with torch.no_grad(), PeakRSS() as peak:
+        model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        if cache_kind != "dynamic":
+            cache.end_prefill()
+    return peak.extra_mib
+
+
+def prefill_memory_table() -> list[str]:
+    lines = [("| SmolLM2-135M prefill (fp32, sdpa, CPU) | KVCompose 0.2 peak extra MiB "
+              "| DynamicCache peak extra MiB | ratio | target |"), "| --- | --- | --- | --- | --- |"]
+    for length in (2048, 8192):
+        ours, base = prefill_peak_mib("kvcompose", length), prefill_peak_mib("dynamic", length)
+        lines.append(f"| {length} tokens | {ours:.0f} | {base:.0f} | {ours / base:.2f}x | <= 1.1x |")
+    return lines
+
+
 def tiny_llama():
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2)
@@ -128,7 +163,12 @@ def row(name: str, ours: float, base: float, target: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter prompts, fewer repeats")
+    parser.add_argument("--prefill-memory", action="store_true",
+                        help="only section 5: peak prefill memory of KVCompose vs DynamicCache")
     args = parser.parse_args(argv)
+    if args.prefill_memory:
+        print("\n".join(prefill_memory_table()))
+        return 0
     steps, repeats = (8, 2) if args.quick else (24, 3)
     long_prompt = 1024 if args.quick else 4096
     lines = ["| measurement | kvpress | baseline | ratio | target |", "| --- | --- | --- | --- | --- |"]
@@ -174,6 +214,8 @@ def main(argv=None) -> int:
     for length in (2048, 8192):
         naive = 9 * length * length * 4 / 2**20
         print(f"| {length} tokens | {scoring_peak_mib(length):.0f} | {naive:.0f} |")
+    print()
+    print("\n".join(prefill_memory_table()))
     return 0
 
 
