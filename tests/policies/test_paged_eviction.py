@@ -39,6 +39,18 @@ def step(model, cache, token: int) -> None:
     model(torch.tensor([[token]]), cache=cache, use_cache=True)
 
 
+@torch.no_grad()
+def prompt_then_steps(model, ids, policy, tokens, after_step=None) -> PrunedCache:
+    """The prompt, then `tokens` one decoding step each; `after_step(cache)` after every step."""
+    cache = PrunedCache(policy)
+    model(ids, cache=cache, use_cache=True)
+    for token in tokens:
+        step(model, cache, token)
+        if after_step is not None:
+            after_step(cache)
+    return cache
+
+
 def test_no_attention_signal_is_requested_or_computed(monkeypatch):
     policy = PagedEviction(budget=12, block_size=4)
     assert policy.request(PREFILL) is None and policy.request(DECODE) is None
@@ -76,11 +88,7 @@ def test_prompt_keeps_first_and_newest_block_and_the_best_tokens(kind):
 def test_block_scores_equal_a_naive_mean_over_each_block():
     model, ids = tiny_model(), token_ids(30, seed=4)
     policy = PagedEviction(budget=20, block_size=4)
-    cache = PrunedCache(policy)
-    with torch.no_grad():
-        model(ids, cache=cache, use_cache=True)
-        for token in (5, 6, 7):
-            step(model, cache, token)
+    cache = prompt_then_steps(model, ids, policy, (5, 6, 7))
     for layer in cache.layers:
         tokens = naive_token_scores(layer.keys[0], layer.values[0], "v_over_k")
         slots = [s for s in range(layer.num_slots) if bool(layer.valid[0, 0, s])]
@@ -130,12 +138,11 @@ def test_decoding_evicts_the_lowest_whole_block_and_the_budget_holds(oldest_bloc
 def test_a_budget_under_four_blocks_uses_quarter_blocks():
     model, ids = tiny_model(), token_ids(40, seed=7)
     policy = PagedEviction(budget=10, block_size=16)
-    cache = PrunedCache(policy)
-    with torch.no_grad():
-        model(ids, cache=cache, use_cache=True)
-        for token in range(3, 12):
-            step(model, cache, token)
-            assert all(8 <= len(held(layer)) <= 10 for layer in cache.layers)
+
+    def within_budget(cache):
+        assert all(8 <= len(held(layer)) <= 10 for layer in cache.layers)
+
+    cache = prompt_then_steps(model, ids, policy, range(3, 12), within_budget)
     assert all(policy.block_size_of(layer) == 2 for layer in cache.layers)
 
 
