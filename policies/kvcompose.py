@@ -13,8 +13,9 @@ AGGREGATIONS = ("mean", "max")
 
 @dataclass
 class KVCompose(Policy):
-    """Composite tokens with a global allocation across layers: informative layers keep more slots,
-    the total stays the uniform budget summed over layers.
+    """Composite tokens ranked across every layer at once: informative layers keep more slots.
+
+    The total stays the uniform budget summed over layers.
 
     "KVCompose: Efficient Structured KV Cache Compression with Composite Tokens", arXiv 2509.05165; reference code NVIDIA kvpress `presses/kvcompose_press.py`.
 
