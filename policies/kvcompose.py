@@ -15,9 +15,9 @@ AGGREGATIONS = ("mean", "max")
 class KVCompose(Policy):
     """Composite tokens ranked across every layer at once: informative layers keep more slots.
 
-    The total stays the uniform budget summed over layers.
-
-    "KVCompose: Efficient Structured KV Cache Compression with Composite Tokens", arXiv 2509.05165; reference code NVIDIA kvpress `presses/kvcompose_press.py`.
+    The total stays the uniform budget summed over layers. "KVCompose: Efficient Structured KV Cache
+    Compression with Composite Tokens", arXiv 2509.05165; reference code NVIDIA kvpress
+    `presses/kvcompose_press.py`.
 
     Token score `s[l, g, j]`: the attention the task queries pay to slot `j` in layer `l`, KV head `g`.
     The task queries are the prompt's last `window` rows (the question when the prompt ends with it,
