@@ -113,13 +113,14 @@ class KVCompose(Policy):
 
     def candidates(self, layer, chain):
         """Per head of `layer`: candidate scores sorted descending (`-max` fp32 where none), the free
-        slots `[B, Hkv]` (uniform keep count minus protected slots) and the protected count `[B, Hkv]`."""
+        slots `[B, Hkv]` (uniform keep count minus protected slots) and the protected slots kept
+        `[B, Hkv]` (at most the uniform count)."""
         eligible = chain.eligible(layer)
         protected = chain.protected(layer) & eligible
         candidate = eligible & ~protected  # [B, Hkv, P]
-        fixed = protected.sum(-1)  # [B, Hkv]
-        uniform = slots_for_budget(layer.budget, layer.real_seen)  # [B]
-        free = (uniform[:, None] - fixed).clamp(min=0)
+        uniform = slots_for_budget(layer.budget, layer.real_seen)[:, None]  # [B, 1]
+        fixed = torch.minimum(protected.sum(-1), uniform)  # [B, Hkv]: a budget under the window keeps its newest
+        free = uniform - fixed
         lowest = torch.finfo(torch.float32).min
         scores = self.score(layer).float().clamp(min=lowest / 2).masked_fill(~candidate, lowest)
         return scores.sort(dim=-1, descending=True, stable=True).values, free, fixed

@@ -153,3 +153,11 @@ def test_spec_string_and_validation():
     for field, value in (("window", 0), ("agg_head", "median"), ("structured", 1), ("keep_token_lower_bound", -1)):
         with pytest.raises(ValueError, match=field):
             KVCompose(**{field: value})
+
+
+def test_a_budget_under_the_window_keeps_the_newest_tokens_and_the_total():
+    model, ids = model_with_different_layers(), token_ids(30, seed=9)
+    cache = prompt_only(model, ids, KVCompose(budget=0.2, window=8))  # 6 slots of 30, under the window
+    cache.end_prefill()
+    for layer in cache.layers:
+        assert all(kept(layer, 0, head) == list(range(24, 30)) for head in range(layer.num_heads))
