@@ -26,6 +26,7 @@ from kvpress.policy import AttentionRequest, Signals
 # fp32 logits one query chunk may hold (4 MiB): small chunks stay in cache and skip more of the
 # causal triangle; measured faster than 16-64 MiB chunks on CPU (benchmarks/overhead.py).
 CHUNK_ELEMENTS = 1 << 20
+MIN_CHUNK_ROWS = 16
 
 
 def row_weights(num_rows: int, rows: int | None, decay: float, device) -> torch.Tensor:
@@ -80,7 +81,9 @@ def grouped_attention(
     kf, vf = key.float(), value.float()
     slot_index = torch.arange(slots, device=key.device)
     fill = torch.finfo(torch.float32).min
-    chunk = max(1, chunk_elements // max(1, batch * q_heads * slots))
+    # at least MIN_CHUNK_ROWS rows per chunk: a Python loop of one row per iteration costs more than the
+    # transient memory of a few rows of logits at long prompts
+    chunk = max(MIN_CHUNK_ROWS, chunk_elements // max(1, batch * q_heads * slots))
     hidden_slots = ~slot_valid[:, :, None, None, :]  # [B, Hkv, 1, 1, S]
 
     outputs = []
@@ -127,7 +130,12 @@ def new_token_validity(mask: torch.Tensor | None, batch: int, q: int) -> torch.T
         return None
     if mask.dim() == 2:  # flash-attention: (B, kv) with 1 = real
         return mask[:, -q:].bool()
-    return visible(mask[..., -q:]).any(dim=-2).any(dim=1).expand(batch, q)  # [B, q]
+    columns = mask[..., -q:]  # a view; reduced over rows without building a [B, 1, q, q] bool copy
+    if columns.dtype == torch.bool:
+        seen_by_some_row = columns.any(dim=-2)
+    else:
+        seen_by_some_row = columns.amax(dim=-2) > torch.finfo(columns.dtype).min / 2
+    return seen_by_some_row.any(dim=1).expand(batch, q)  # [B, q]
 
 
 def visible(mask: torch.Tensor) -> torch.Tensor:
@@ -173,9 +181,9 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     q = query.shape[2]
     slots = layer.slots
     window = layer.sliding_window
-    clean = not slots.may_hold_invalid and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
-    if window is not None and q > 1 and layer.evictions:
-        clean = False  # the model's sliding mask assumes consecutive slots
+    # the model's mask describes the slots while they are the exact prefix it was built for (padding
+    # included); after an eviction or a dropped slot, validity and positions come from the slots
+    clean = slots.exact_prefix and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
     if mask_has_structure(attention_mask, new_valid, q, window):
         if not clean or request is not None:
             raise ValueError(
@@ -189,14 +197,15 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     softcap = kwargs.get("softcap")
 
     mass = None
-    if clean and (request is None or request.rows is not None):
+    if clean and (request is None or (request.rows is not None and request.rows < q)):
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
         if request is not None:  # window rows only: recompute them, not the whole attention
-            rows = min(request.rows, q)
+            rows = request.rows
             weights = row_weights(rows, None, request.decay, key.device)
+            row_valid = new_valid[:, -rows:] if new_valid is not None else None
             _, mass = grouped_attention(query[:, :, -rows:], key, value, slots.valid, scaling=scaling,
-                                        softcap=softcap, weights=weights, want_output=False,
-                                        positions=slots.positions, window=window)
+                                        softcap=softcap, query_valid=row_valid, weights=weights,
+                                        want_output=False, positions=slots.positions, window=window)
     else:
         weights = row_weights(q, request.rows, request.decay, key.device) if request else None
         # padding query rows output zeros and add no mass (a switched-off head's slots are invalid

@@ -1,8 +1,13 @@
 """The eviction step: after a layer's attention, or across layers at the end of prefill.
 
 Per layer (most policies): right after the layer attended, the policy folds its signals into its
-state and, when the layer holds more than its counts plus the cache's slack, selects; the layer then
-compacts slots and every policy state together.
+state and evicts. At prefill (several new tokens) it selects when the layer holds more than its
+counts plus the cache's slack, and the layer compacts slots and every policy state together in one
+gather, into storage sized for the decoding that follows. While decoding (one new token) the
+eviction makes no host sync and moves no data: every `slack + 1` steps (a host-side count) the policy
+ranks the slots and the ones it does not keep become holes (`SlotStore.drop`); the layer squeezes
+the holes out with one gather only when its storage is full (`make_room`). Quantized layers keep
+compacting at every eviction (their key groups span consecutive slots).
 
 Across layers (policies with `allocates_across_layers`): at prefill every layer attends and folds its
 signals but keeps every slot; when the prompt has ended (the first decoding step, or an explicit
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvpress.policy import PREFILL, Selection, top_k_selection
+from kvpress.policy import DECODE, PREFILL, Selection, host_slots_for_budget, top_k_selection
 from kvpress.state import Allocation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,33 +38,80 @@ def after_attention(layer: PrunedLayer, phase: str) -> None:
     """Evict what `layer`'s sliding window (first) and policy (then) no longer keep after this forward."""
     cache = layer.cache
     policy = cache.policy
-    if layer.sliding_window is not None:
-        selection = within_window(layer)
-        if selection is not None:
-            compact(layer, selection)
+    in_place = phase == DECODE and layer.slots.quantized is None
+    if layer.sliding_window is not None and layer.seen >= layer.sliding_window:
+        if in_place:
+            oldest = layer.real_seen[:, None, None] - (layer.sliding_window - 1)
+            layer.slots.drop(layer.positions >= oldest)
+        else:
+            selection = within_window(layer)
+            if selection is not None:
+                compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))
     if policy is None or not policy.evicts_during(phase):
         return
     if phase == PREFILL and policy.allocates_across_layers:
         cache.prefill_pending = True
         return
+    if in_place:
+        layer.steps_since_eviction += 1
+        if layer.steps_since_eviction > cache.slack and host_slots_for_budget(layer.budget, layer.seen) < layer.seen:
+            layer.slots.drop(policy.keep_mask(layer))
+            layer.steps_since_eviction = 0
+            layer.evictions += 1
+            policy.compacted(layer, None)
+        return
     selection = policy.select(layer, cache.slack)
     if selection is not None:
-        compact(layer, selection)
+        compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))
+        layer.steps_since_eviction = 0
 
 
-def compact(layer: PrunedLayer, selection: Selection) -> None:
-    """Keep `selection` in the slots and in every policy state of the layer."""
+def room_after(layer: PrunedLayer, width: int) -> int:
+    """Capacity for `width` kept slots, the cache's slack, and about 1/16 of the width for the holes and
+    new tokens of the decoding steps until the next squeeze: persistent storage stays within ~1.07x of
+    the slots kept (plus the slack the user asked for), and a squeeze (one gather) comes every
+    `width / 16` steps."""
+    return width + layer.cache.slack + max(1, -(-width // 16))
+
+
+def make_room(layer: PrunedLayer, q: int) -> None:
+    """Before `q` new tokens are written: when the storage is full, squeeze the holes out (one gather,
+    sized by host-side bounds, no sync), then grow it geometrically if that is not enough."""
+    slots = layer.slots
+    if slots.quantized is not None or slots.used + q <= slots.capacity:
+        return
+    policy = layer.cache.policy
+    if not slots.exact_prefix and policy is not None:
+        bound = policy.slot_bound(layer) + layer.cache.slack
+        if layer.sliding_window is not None:
+            bound = min(bound, layer.sliding_window - 1)
+        width = min(slots.used, bound)
+        # valid slots first, in slot (temporal) order; a host bound, so no sync
+        order = torch.argsort((~slots.valid).to(torch.int8), dim=-1, stable=True)[..., :width]
+        index, _ = order.sort(dim=-1)
+        compact(layer, Selection(indices=index, valid=slots.valid.gather(-1, index)), count=False)
+    need = slots.used + q
+    if need > slots.capacity:
+        grow = max(need, slots.capacity + slots.capacity // 2) if q == 1 else need
+        slots.reserve(grow)
+
+
+def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = None, count: bool = True) -> None:
+    """Keep `selection` in the slots and in every policy state of the layer (`count`: an eviction, not
+    only a squeeze of holes)."""
     index = selection.indices
     score_state = layer.score_state()
-    kept_scores = layer.slots.gather(index, selection.valid, score_state.scores if score_state else None)
+    kept_scores = layer.slots.gather(index, selection.valid, score_state.scores if score_state else None,
+                                     capacity=capacity)
     for state in layer.states.values():
         if state is score_state:
-            state.scores = kept_scores
+            state._keep("scores", kept_scores)
         else:
             state.gather_slots(index)
-    layer.evictions += 1
-    if layer.cache.policy is not None:
-        layer.cache.policy.compacted(layer, selection)
+    if count:
+        layer.evictions += 1
+        if layer.cache.policy is not None:
+            layer.cache.policy.compacted(layer, selection)
 
 
 def within_window(layer: PrunedLayer) -> Selection | None:
@@ -86,7 +138,9 @@ def allocate_across_layers(cache: PrunedCache) -> None:
     for layer, layer_counts in zip(layers, counts):
         layer.allocation = None  # a new turn re-allocates from the uniform budget
         uniform = policy.keep_counts(layer)
-        layer.allocation = Allocation(counts=layer_counts.to(torch.long), uniform=uniform)
-        selection = policy.select(layer, 0, counts=layer.allocation.counts)
+        layer_counts = layer_counts.to(torch.long)
+        layer.allocation = Allocation(counts=layer_counts, uniform=uniform, most=int(layer_counts.max()),
+                                      uniform_most=int(uniform.max()))
+        selection = policy.select(layer, 0, counts=layer_counts)
         if selection is not None:
-            compact(layer, selection)
+            compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))

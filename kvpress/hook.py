@@ -60,7 +60,7 @@ def leave_handoff(handoff: Handoff) -> None:
     previous layer's attention never went through the interface (e.g. Falcon calls SDPA directly)."""
     stale = getattr(_local, "handoff", None)
     if stale is not None and stale.cache is not None and stale.cache is handoff.cache \
-            and stale.forward == handoff.forward and stale.key is not None:
+            and stale.forward == handoff.forward:
         _local.handoff = None
         raise NotImplementedError(
             "This model computes attention without transformers' AttentionInterface, so PrunedCache cannot "

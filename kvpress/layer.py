@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvpress import attention
 from kvpress import hook
-from kvpress.eviction import after_attention
+from kvpress.eviction import after_attention, make_room
 from kvpress.policy import DECODE, PREFILL
 from kvpress.report import LayerReport
 from kvpress.slots import SlotStore
@@ -48,6 +48,7 @@ class PrunedLayer(DynamicLayer):
         self.allocation: Allocation | None = None  # sizes chosen by a cross-layer allocation
         self.seen = 0
         self.evictions = 0
+        self.steps_since_eviction = 0  # decoding steps since the last eviction (host-side, for `slack`)
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -62,6 +63,11 @@ class PrunedLayer(DynamicLayer):
     num_heads = property(lambda self: self.slots.num_heads)
     batch = property(lambda self: self.slots.batch)
     device = property(lambda self: self.slots.valid.device, lambda self, v: None)
+
+    @property
+    def kept_slots(self) -> int:
+        """The most slots any (row, KV head) holds (a host sync: for reports and tests, not the hot path)."""
+        return int(self.valid.sum(-1).max()) if self.num_slots else 0
 
     @property
     def budget(self) -> int | float:
@@ -99,9 +105,10 @@ class PrunedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
+        make_room(self, q)
         keys, values = self.slots.append(key_states, value_states)
         for state in self.states.values():
-            state.append_slots(q)
+            state.append_slots(q, self.slots.capacity)
         self.seen += q
         hook.leave_handoff(hook.Handoff(self.cache, self.cache.forward_index, self, keys))
         return keys, values
@@ -190,7 +197,10 @@ class PrunedLayer(DynamicLayer):
                 + ", ".join(hook.SUPPORTED_IMPLEMENTATIONS))
 
     def report(self) -> LayerReport:
-        held = 0
+        """Tokens seen, slots kept (the most any KV head holds), bytes allocated (storage capacity and
+        policy state included), evictions."""
+        held = kept = 0
         if self.is_initialized:
             held = self.slots.nbytes + sum(state.nbytes for state in self.states.values())
-        return LayerReport(self.layer_idx, self.seen, self.num_slots, held, self.evictions)
+            kept = self.kept_slots
+        return LayerReport(self.layer_idx, self.seen, kept, held, self.evictions)

@@ -93,13 +93,26 @@ def check_budget(owner: str, budget, sinks: int = 0, window: int = 0) -> None:
                          f"otherwise nothing is left to choose")
 
 
+def budget_fraction(budget: float) -> Fraction:
+    return Fraction(budget).limit_denominator(1_000_000)
+
+
+def host_slots_for_budget(budget, seen: int) -> int:
+    """`slots_for_budget` for a host-side token count: an upper bound of every row's count when `seen`
+    counts padding too."""
+    if isinstance(budget, float):
+        fraction = budget_fraction(budget)
+        return min(seen, max(1, seen * fraction.numerator // fraction.denominator))
+    return min(seen, budget)
+
+
 def slots_for_budget(budget, real_seen: torch.Tensor) -> torch.Tensor:
     """Slots each row may keep: `[B]` long. Int budget: that many (at most the real tokens seen);
     float budget: `max(1, floor(seen * budget))` of the row's real tokens, in integer arithmetic
     (the budget as the nearest fraction with a denominator up to 10^6), so no float64 reaches the
     model's device."""
     if isinstance(budget, float):
-        fraction = Fraction(budget).limit_denominator(1_000_000)
+        fraction = budget_fraction(budget)
         keep = torch.clamp(real_seen * fraction.numerator // fraction.denominator, min=1)
     else:
         keep = torch.full_like(real_seen, budget)
@@ -160,6 +173,15 @@ class EvictionPolicy:
         uniform = per_row[:, None].expand(-1, layer.num_heads)
         return uniform if layer.allocation is None else layer.allocation.counts_now(uniform)
 
+    def slot_bound(self, layer: PrunedLayer) -> int:
+        """A host-side upper bound of the slots any (row, head) of `layer` keeps, from host counts only
+        (sizes storage without a device-to-host sync). Policies that give some layer or head more than
+        the uniform budget (PyramidKV, AdaKV, SpAtten) raise it."""
+        uniform = host_slots_for_budget(layer.budget, layer.seen)
+        if layer.allocation is None:
+            return uniform
+        return min(layer.seen, layer.allocation.most + max(0, uniform - layer.allocation.uniform_most))
+
     def protected(self, layer: PrunedLayer) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the first `sinks` and last `window` real tokens."""
         pos = layer.positions  # [B, Hkv, P], -1 for padding
@@ -175,8 +197,9 @@ class EvictionPolicy:
         Each (row, head) decides alone, so a row evicts exactly as it would in a batch of one."""
         return bool((layer.valid.sum(-1) > counts + slack).any())
 
-    def compacted(self, layer: PrunedLayer, selection: Selection) -> None:
-        """Called after `layer` kept `selection` (SpAtten records the cascade)."""
+    def compacted(self, layer: PrunedLayer, selection: Selection | None) -> None:
+        """Called after `layer` evicted: kept `selection`, or dropped slots in place while decoding
+        (`selection` None). SpAtten records the cascade."""
 
     def allocate(self, layers: list[PrunedLayer]) -> list[torch.Tensor]:
         """Cross-layer stage: `[B, Hkv]` keep counts for each pruned layer, from every layer's state."""
@@ -197,6 +220,16 @@ class EvictionPolicy:
         kept = min(int(counts.max()), layer.num_slots)
         scores = self.score(layer).float()
         return top_k_selection(scores, eligible, self.protected(layer) & eligible, counts, kept)
+
+    def keep_mask(self, layer: PrunedLayer) -> torch.Tensor:
+        """`[B, Hkv, P]` bool: the slots `select` would keep, as a mask over the slots in place. No
+        host sync and no data movement: the decoding step's eviction."""
+        eligible = self.eligible(layer)
+        ranked = rank_for_selection(self.score(layer).float(), eligible, self.protected(layer) & eligible)
+        order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                                .expand_as(order)).flip(-1)
+        return eligible & (rank < self.keep_counts(layer)[..., None])
 
 
 @dataclass
@@ -242,12 +275,17 @@ class Policy(EvictionPolicy):
             state.scores = state.scores * request.decay ** signals.q + signals.mass
 
 
+def rank_for_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """Scores to sort by: protected slots above everything, invalid ones below everything."""
+    big = torch.finfo(torch.float32).max
+    return torch.where(protected, big, torch.where(valid, scores.clamp(-big / 2, big / 2), -big))
+
+
 def top_k_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor,
                     counts: torch.Tensor, kept: int) -> Selection:
     """Per (row, head) top-`counts` slots by score, protected first, invalid last; ties go to the
     later slot. Returns `kept` indices per head, sorted, with surplus marked invalid."""
-    big = torch.finfo(torch.float32).max
-    ranked = torch.where(protected, big, torch.where(valid, scores.clamp(-big / 2, big / 2), -big))
+    ranked = rank_for_selection(scores, valid, protected)
     # stable sort on the reversed slot order: among equal scores the later slot ranks first
     order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)[..., :kept]
     order = ranked.shape[-1] - 1 - order  # [B, Hkv, K]
@@ -315,6 +353,9 @@ class Wrapper(EvictionPolicy):
 
     def protected(self, layer):
         return self.inner.protected(layer)
+
+    def slot_bound(self, layer):
+        return self.inner.slot_bound(layer)
 
     def eligible(self, layer):
         return self.inner.eligible(layer)

@@ -1,12 +1,17 @@
 """Slot storage of one pruned layer: keys, values and what each slot holds.
 
 `SlotStore` owns, per layer, keys and values `[B, Hkv, P, D]` (RoPE applied, slots in temporal
-order) and, aligned with them, `valid [B, Hkv, P]` (False for padding and for surplus slots of rows
-or heads that keep fewer tokens) and `positions [B, Hkv, P]` (index of the token among the row's
-real tokens, -1 for padding); `real_seen [B]` counts each row's real tokens and `heads_off [B, Hkv]`
-marks KV heads that store nothing any more (SpAtten's head pruning). With quantized storage the keys
-and values live in a `QuantizedStore` (kvpress/quant.py) and, between forwards, `keys`/`values` are
-shape-only `meta` placeholders.
+order) and, aligned with them, `valid [B, Hkv, P]` (False for padding, for slots dropped while
+decoding and for surplus slots of rows or heads that keep fewer tokens) and `positions [B, Hkv, P]`
+(index of the token among the row's real tokens, -1 for padding); `real_seen [B]` counts each row's
+real tokens and `heads_off [B, Hkv]` marks KV heads that store nothing any more (SpAtten's head
+pruning).
+
+Storage has capacity: the `P` slots in use are views of buffers of `capacity >= P` slots, so a new
+token is written in place, never by concatenating the layer. A slot dropped while decoding is only
+marked invalid (a hole); holes are squeezed out by one gather when the buffer is full. With quantized
+storage the keys and values live in a `QuantizedStore` (kvpress/quant.py) and, between forwards,
+`keys`/`values` are shape-only `meta` placeholders.
 """
 
 from __future__ import annotations
@@ -17,65 +22,110 @@ from kvpress.quant import KVQuant, QuantizedStore
 from kvpress.triton_kernels.compaction import compact_slots
 
 
+def _grow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    """`buffer` with `capacity` slots along dim 2, the first `used` copied."""
+    grown = buffer.new_empty(*buffer.shape[:2], capacity, *buffer.shape[3:])
+    grown[:, :, :used] = buffer[:, :, :used]
+    return grown
+
+
 class SlotStore:
     """Keys, values and slot metadata of one pruned layer (see the module docstring)."""
 
-    METADATA = ("valid", "positions", "real_seen")
+    BUFFERS = ("_keys", "_values", "_valid", "_positions")
 
     def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor):
         batch, heads = key_states.shape[:2]
         device = key_states.device
-        self.keys = key_states.new_empty(batch, heads, 0, key_states.shape[-1])
-        self.values = value_states.new_empty(batch, heads, 0, value_states.shape[-1])
-        self.valid = torch.ones(batch, heads, 0, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+        self._keys = key_states.new_empty(batch, heads, 0, key_states.shape[-1])
+        self._values = value_states.new_empty(batch, heads, 0, value_states.shape[-1])
+        self._valid = torch.ones(batch, heads, 0, dtype=torch.bool, device=device)
+        self._positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+        self.used = 0  # slots in use, a host-side count
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.heads_off: torch.Tensor | None = None
         self.quantized: QuantizedStore | None = None
-        # host-side: some slot may be padding or a masked surplus slot, so the model's own mask
-        # (which knows neither) cannot be used
-        self.may_hold_invalid = False
+        self._quantized_view: tuple[torch.Tensor, torch.Tensor] | None = None
+        # host-side: the model's own mask describes the slots (no eviction yet, no hole)
+        self.exact_prefix = True
+        self.has_padding = False
         self._real_before = self.real_seen
         self._new_tokens = 0
 
-    # ---- sizes ----
+    # ---- views ----
+    @property
+    def keys(self) -> torch.Tensor:
+        if self._quantized_view is not None:
+            return self._quantized_view[0]
+        return self._keys[:, :, :self.used]
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self._quantized_view is not None:
+            return self._quantized_view[1]
+        return self._values[:, :, :self.used]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._valid[:, :, :self.used]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._positions[:, :, :self.used]
+
+    @property
+    def capacity(self) -> int:
+        return self._valid.shape[2]
+
     @property
     def num_slots(self) -> int:
-        return self.keys.shape[-2]
+        return self.used
 
     @property
     def num_heads(self) -> int:
-        return self.keys.shape[1]
+        return self._valid.shape[1]
 
     @property
     def batch(self) -> int:
-        return self.keys.shape[0]
+        return self._valid.shape[0]
 
     # ---- writing ----
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` slots (keys, values and metadata)."""
+        if capacity <= self.capacity or self.quantized is not None:
+            return
+        for name in self.BUFFERS:
+            setattr(self, name, _grow(getattr(self, name), self.used, capacity))
+
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add `q` new tokens, provisionally all real (`mark_new_tokens` corrects padding); return the
-        keys and values attention reads this forward."""
+        """Write `q` new tokens after the used slots, provisionally all real (`mark_new_tokens` corrects
+        padding); return the keys and values attention reads this forward."""
         batch, heads, q = key_states.shape[:3]
-        if self.quantized is not None:
-            self.keys, self.values = self.quantized.append(key_states, value_states)
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-        new_valid = self.valid.new_ones(batch, heads, q)
-        if self.heads_off is not None:
-            new_valid &= ~self.heads_off[..., None]
-        offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
-        new_positions = (self.real_seen[:, None] + offsets)[:, None, :].expand(batch, heads, q)
-        self.valid = torch.cat([self.valid, new_valid], dim=-1)
-        self.positions = torch.cat([self.positions, new_positions], dim=-1)
+        start = self.used
         self._new_tokens = q
         self._real_before = self.real_seen
         self.real_seen = self.real_seen + q
+        if self.quantized is not None:
+            keys, values = self.quantized.append(key_states, value_states)
+            self._valid = torch.cat([self.valid, self._valid.new_ones(batch, heads, q)], dim=-1)
+            self._positions = torch.cat([self.positions, self._positions.new_zeros(batch, heads, q)], dim=-1)
+            self._quantized_view = (keys, values)
+        else:
+            self.reserve(start + q)
+            self._keys[:, :, start:start + q] = key_states
+            self._values[:, :, start:start + q] = value_states
+        self.used = start + q
+        new_valid = self._valid[:, :, start:start + q]
+        new_valid.fill_(True)
+        if self.heads_off is not None:
+            new_valid &= ~self.heads_off[..., None]
+        offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
+        self._positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         return self.keys, self.values
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         """Validity and real-token positions of the newest `q` slots from `new_valid [B, q]` (False for
-        padding, read from the model's mask)."""
+        padding, read from the model's mask). A host sync: called at prefill only."""
         q = self._new_tokens
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1  # [B, q]
         positions = torch.where(new_valid, self._real_before[:, None] + offsets, -1)
@@ -85,47 +135,63 @@ class SlotStore:
         self.positions[..., -q:] = positions[:, None, :]
         self.real_seen = self._real_before + new_valid.sum(-1)
         if not bool(new_valid.all()):
-            self.may_hold_invalid = True
+            self.has_padding = True
 
     def switch_off_heads(self, heads: torch.Tensor) -> None:
         """Stop storing and attending the KV heads where `heads [B, Hkv]` is True: their slots become
         invalid, later tokens are not stored in them, and their query heads output zeros."""
         self.heads_off = heads if self.heads_off is None else self.heads_off | heads
-        self.valid = self.valid & ~self.heads_off[..., None]
-        self.may_hold_invalid = True
+        self.valid.logical_and_(~self.heads_off[..., None])
+        self.exact_prefix = False
 
-    def gather(self, index: torch.Tensor, valid: torch.Tensor,
-               scores: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Keep the slots `index [B, Hkv, K]` (sorted ascending), with validity `valid [B, Hkv, K]`.
-        `scores [B, Hkv, P]`, the policy's running score, is gathered in the same launch and returned."""
+    def drop(self, keep: torch.Tensor) -> None:
+        """Keep only the slots where `keep [B, Hkv, P]`; the others become holes. No data moves and no
+        host sync: this is the decoding step's eviction."""
+        self.valid.logical_and_(keep)
+        self.exact_prefix = False
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None = None,
+               capacity: int | None = None) -> torch.Tensor | None:
+        """Keep the slots `index [B, Hkv, K]` (sorted ascending), with validity `valid [B, Hkv, K]`, at the
+        front of the buffers; with `capacity`, in new buffers of that many slots (a prefill that kept a
+        small part of a long prompt releases the rest). `scores [B, Hkv, P]`, the policy's running
+        score, is gathered in the same launch and returned."""
+        width = index.shape[-1]
         if self.quantized is not None:
             self.quantized.compact(index)
-            self.keys, self.values = self.quantized.placeholders()
-            self.positions = self.positions.gather(-1, index)
+            self._quantized_view = None
+            positions = self.positions.gather(-1, index)
             kept_scores = scores.gather(-1, index) if scores is not None else None
-        elif scores is not None:  # one Triton launch on CUDA, torch gathers elsewhere
-            self.keys, self.values, self.positions, kept_scores, _ = compact_slots(
-                self.keys, self.values, self.positions, scores, index)
+            self._positions, self._valid = positions, valid.clone()
         else:
-            rows = index[..., None]
-            self.keys = self.keys.gather(2, rows.expand(-1, -1, -1, self.keys.shape[-1]))
-            self.values = self.values.gather(2, rows.expand(-1, -1, -1, self.values.shape[-1]))
-            self.positions = self.positions.gather(-1, index)
-            kept_scores = None
-        self.valid = valid
-        if not self.may_hold_invalid:
-            self.may_hold_invalid = not bool(valid.all())
+            if scores is not None:  # one Triton launch on CUDA, torch gathers elsewhere
+                keys, values, positions, kept_scores, _ = compact_slots(
+                    self.keys, self.values, self.positions, scores, index)
+            else:
+                rows = index[..., None]
+                keys = self.keys.gather(2, rows.expand(-1, -1, -1, self._keys.shape[-1]))
+                values = self.values.gather(2, rows.expand(-1, -1, -1, self._values.shape[-1]))
+                positions, kept_scores = self.positions.gather(-1, index), None
+            for name, kept in (("_keys", keys), ("_values", values), ("_positions", positions), ("_valid", valid)):
+                if capacity is not None:
+                    setattr(self, name, _grow(kept, width, max(capacity, width)))
+                else:
+                    getattr(self, name)[:, :, :width] = kept
+        self.used = width
+        self.exact_prefix = False
         return kept_scores
 
     def map_tensors(self, fn) -> None:
         """A batch operation or device move on every per-row tensor."""
         if self.quantized is not None:
             self.quantized.apply_batch(fn)
-            self.keys, self.values = self.quantized.placeholders()
-        else:
-            self.keys, self.values = fn(self.keys), fn(self.values)
-        for name in self.METADATA:
-            setattr(self, name, fn(getattr(self, name)))
+            self._quantized_view = self.quantized.placeholders()
+            self._keys, self._values = self._quantized_view
+        for name in self.BUFFERS:
+            tensor = getattr(self, name)
+            if tensor.device.type != "meta":
+                setattr(self, name, fn(tensor))
+        self.real_seen = fn(self.real_seen)
         self._real_before = self.real_seen
         if self.heads_off is not None:
             self.heads_off = fn(self.heads_off)
@@ -138,16 +204,19 @@ class SlotStore:
         if self.quantized is None:
             if quant is None:
                 return
-            self.quantized = QuantizedStore(quant, self.keys, self.values)
+            self.quantized = QuantizedStore(quant, self.keys.contiguous(), self.values.contiguous())
+            self._valid, self._positions = self.valid.clone(), self.positions.clone()
         else:
             self.quantized.flush()
-        self.keys, self.values = self.quantized.placeholders()
+        self._quantized_view = self.quantized.placeholders()
+        self._keys, self._values = self._quantized_view
 
     @property
     def nbytes(self) -> int:
-        held = sum(getattr(self, name).nbytes for name in self.METADATA)
+        """Bytes allocated: whole buffers (capacity included), or the quantized store."""
+        held = self._valid.nbytes + self._positions.nbytes + self.real_seen.nbytes
         if self.heads_off is not None:
             held += self.heads_off.nbytes
         if self.quantized is not None:
             return held + self.quantized.nbytes
-        return held + self.keys.nbytes + self.values.nbytes
+        return held + self._keys.nbytes + self._values.nbytes

@@ -4,10 +4,14 @@ A policy keeps what it remembers between forwards (running scores, cross-layer i
 sizes) in `State` objects. The cache creates them through the policy (`new_layer_state`,
 `new_shared_state`) and owns them, so one contract covers every kind of state:
 
-- `append_slots(q)`: new slots were written; slot-aligned tensors grow with zeros;
+- `append_slots(count, capacity)`: new slots were written after the `used` ones; slot-aligned
+  tensors grow by `count` zeros, inside preallocated capacity (no copy of the old slots);
 - `gather_slots(index)`: the layer compacted to `index [B, Hkv, K]`; slot-aligned tensors follow;
 - `map_tensors(fn)`: a batch operation (beam reorder, repeat, select) or a device move, applied to
   every tensor whose first axis is the batch.
+
+Slot-aligned fields (`slot_fields`) are views of the first `used` slots of a buffer with the layer's
+capacity; assigning a tensor of the same width writes into the buffer.
 
 A policy object is then a pure description: many caches, threads and processes can share it.
 """
@@ -27,40 +31,76 @@ class State:
     slot_fields: ClassVar[tuple[str, ...]] = ()
     row_fields: ClassVar[tuple[str, ...]] = ()
 
-    def append_slots(self, count: int) -> None:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls.__dict__.get("slot_fields", ()):
+            setattr(cls, name, property(lambda self, _n=name: self._slot_view(_n),
+                                        lambda self, value, _n=name: self._slot_write(_n, value)))
+
+    # ---- slot-aligned buffers ----
+    def _slot_view(self, name: str) -> torch.Tensor:
+        return self.__dict__["_buffer_" + name][:, :, :self.__dict__.get("used", 0)]
+
+    def _slot_write(self, name: str, value: torch.Tensor) -> None:
+        buffer = self.__dict__.get("_buffer_" + name)
+        used = self.__dict__.get("used")
+        if buffer is not None and used == value.shape[2] and buffer.shape[:2] == value.shape[:2]:
+            buffer[:, :, :used].copy_(value)
+        else:  # a new width (first assignment, compaction): the value becomes the buffer
+            self.__dict__["_buffer_" + name] = value
+            self.__dict__["used"] = value.shape[2]
+
+    def append_slots(self, count: int, capacity: int) -> None:
+        used = self.__dict__.get("used", 0)
         for name in self.slot_fields:
-            tensor = getattr(self, name)
-            if tensor is not None:
-                tail = tensor.new_zeros(*tensor.shape[:2], count, *tensor.shape[3:])
-                setattr(self, name, torch.cat([tensor, tail], dim=2))
+            buffer = self.__dict__["_buffer_" + name]
+            if buffer.shape[2] < capacity:
+                grown = buffer.new_zeros(*buffer.shape[:2], capacity, *buffer.shape[3:])
+                grown[:, :, :used] = buffer[:, :, :used]
+                buffer = self.__dict__["_buffer_" + name] = grown
+            buffer[:, :, used:used + count] = 0
+        self.__dict__["used"] = used + count
 
     def gather_slots(self, index: torch.Tensor) -> None:
         for name in self.slot_fields:
-            tensor = getattr(self, name)
-            if tensor is not None:
-                expanded = index.view(*index.shape, *([1] * (tensor.dim() - 3))).expand(
-                    *index.shape, *tensor.shape[3:])
-                setattr(self, name, tensor.gather(2, expanded))
+            tensor = self._slot_view(name)
+            expanded = index.view(*index.shape, *([1] * (tensor.dim() - 3))).expand(*index.shape, *tensor.shape[3:])
+            self._keep(name, tensor.gather(2, expanded))
+
+    def _keep(self, name: str, kept: torch.Tensor) -> None:
+        """Write compacted slots into the front of the buffer (capacity is kept)."""
+        buffer = self.__dict__["_buffer_" + name]
+        width = kept.shape[2]
+        if buffer.shape[2] >= width:
+            buffer[:, :, :width] = kept
+        else:
+            self.__dict__["_buffer_" + name] = kept
+        self.__dict__["used"] = width
 
     def map_tensors(self, fn) -> None:
-        for name in self.slot_fields + self.row_fields:
+        for name in self.slot_fields:
+            key = "_buffer_" + name
+            self.__dict__[key] = fn(self.__dict__[key])
+        for name in self.row_fields:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self.slot_fields + self.row_fields
-                   if getattr(self, name) is not None)
+        """Bytes allocated (the whole capacity of slot-aligned buffers)."""
+        held = sum(self.__dict__["_buffer_" + name].nbytes for name in self.slot_fields)
+        return held + sum(getattr(self, name).nbytes for name in self.row_fields if getattr(self, name) is not None)
 
 
-@dataclass(eq=False)
 class ScoreState(State):
     """The running per-slot score of an attention-scoring policy: `scores [B, Hkv, P]` fp32, this
     layer's attention mass folded as the policy's `AttentionRequest` says (kvpress/policy.py)."""
 
-    scores: torch.Tensor
     slot_fields: ClassVar[tuple[str, ...]] = ("scores",)
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores
 
     @classmethod
     def empty(cls, batch: int, heads: int, device) -> ScoreState:
@@ -70,12 +110,15 @@ class ScoreState(State):
 @dataclass(eq=False)
 class Allocation(State):
     """Sizes chosen for a layer by a cross-layer allocation at the end of prefill: `counts [B, Hkv]`
-    slots per (row, head), and `uniform [B, Hkv]` what the uniform budget gave at that moment. While
-    decoding, the layer keeps `counts` plus whatever the uniform budget has grown by since (zero for
-    an int budget), so a float budget keeps its fraction and an int budget its size."""
+    slots per (row, head), and `uniform [B, Hkv]` what the uniform budget gave at that moment; `most`
+    and `uniform_most` are the largest of each, on the host (for sizing storage without a sync). While decoding, the layer keeps `counts`
+    plus whatever the uniform budget has grown by since (zero for an int budget), so a float budget
+    keeps its fraction and an int budget its size."""
 
     counts: torch.Tensor
     uniform: torch.Tensor
+    most: int = 0
+    uniform_most: int = 0
     row_fields: ClassVar[tuple[str, ...]] = ("counts", "uniform")
 
     def counts_now(self, uniform_now: torch.Tensor) -> torch.Tensor:

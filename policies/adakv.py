@@ -69,6 +69,10 @@ class AdaKV(Wrapper):
         floored = torch.round(counts * (1 - self.floor) + self.floor * free.float()).long()
         return torch.minimum(floored, candidates.sum(dim=-1)) + fixed
 
+    def slot_bound(self, layer) -> int:
+        # one head may take the budget of every head of its layer
+        return min(layer.seen, layer.num_heads * self.inner.slot_bound(layer))
+
     def over_budget(self, layer, counts, slack) -> bool:
         """The layer's heads share their budget: compact when a row holds more than the uniform total
         plus `slack` per head."""

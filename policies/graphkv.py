@@ -61,8 +61,8 @@ class GraphKV(Wrapper):
     def score(self, layer) -> torch.Tensor:
         candidates = self.eligible(layer) & ~self.protected(layer)  # [B, Hkv, P]
         scores = shift_nonnegative(self.inner.score(layer).float(), candidates)
-        if isinstance(self.seeds, float):
-            seeds = max(1, int(self.seeds * int(self.keep_counts(layer).max())))
+        if isinstance(self.seeds, float):  # a fraction of the slots a head keeps, from host counts (no sync)
+            seeds = max(1, int(self.seeds * self.inner.slot_bound(layer)))
         else:
             seeds = self.seeds
         return propagate_decay(scores, layer.keys, candidates, seeds, self.neighbours, self.rounds)

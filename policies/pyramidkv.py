@@ -50,6 +50,9 @@ class PyramidKV(Wrapper):
             return "PagedEviction keeps one budget per layer and evicts whole blocks; use pagedeviction alone"
         return None
 
+    def slot_bound(self, layer) -> int:
+        return min(layer.seen, 2 * self.inner.slot_bound(layer))  # the lowest layer keeps at most 2x the mean
+
     def keep_counts(self, layer) -> torch.Tensor:
         uniform = self.inner.keep_counts(layer)  # [B, Hkv]
         index, count = pruned_layer_index(layer)

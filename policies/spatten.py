@@ -49,7 +49,8 @@ class CascadeState(State):
             self.tokens = torch.zeros(batch, 1, device=device)
             self.gone_from = torch.full((batch, 1), NEVER, dtype=torch.long, device=device)
             self.heads = torch.zeros(batch, heads, device=device)
-        have, need = self.tokens.shape[1], int(layer.real_seen.max()) + 1
+        # sized from the host-side count of tokens seen (padding included), so no sync
+        have, need = self.tokens.shape[1], layer.seen + 1
         if need > have:  # the old padding column becomes a position column
             self.tokens = torch.cat([self.tokens[:, :have - 1], self.tokens.new_zeros(batch, need - have + 1)], 1)
             self.gone_from = torch.cat([self.gone_from[:, :have - 1],
@@ -173,11 +174,14 @@ class SpAtten(Policy):
         state = layer.shared_state(self)
         state.ensure(layer)
         state.absorb(layer, self.raw_scores(layer), signals.output)
-        if self.evicts_during(signals.phase):
-            index, count = pruned_layer_index(layer)
+        index, count = pruned_layer_index(layer)
+        if self.evicts_during(signals.phase) and index not in state.dropped:  # once per layer: its first eviction
             dropped = self.prune_heads(layer, state, index, count)
             if bool(dropped.any()):
                 layer.slots.switch_off_heads(dropped)
+
+    def slot_bound(self, layer) -> int:
+        return min(layer.seen, 2 * super().slot_bound(layer) + self.window)  # the linear schedule's first layer
 
     def eligible(self, layer) -> torch.Tensor:
         """A token evicted from a lower layer may not stay in this one (the cascade)."""

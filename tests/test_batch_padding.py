@@ -51,7 +51,10 @@ def test_ragged_budgets_leave_masked_holes():
         real = layer.valid[0].sum(-1)  # [Hkv]
         expected = (24 - 3 * layer.layer_idx - 5 * torch.arange(layer.num_heads)).clamp(min=5)
         assert torch.equal(real, expected)
-        assert layer.num_slots == int(expected.max())
+        # prefill compacted to the largest count; each of the 3 decoding steps wrote one slot in place
+        # and dropped the evicted one as a hole (squeezed out only when the storage fills)
+        assert int(expected.max()) <= layer.num_slots <= int(expected.max()) + 3
+    assert [row.kept for row in cache.report().layers] == [int(layer.valid[0].sum(-1).max()) for layer in cache.layers]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3", "phi3"])

@@ -37,7 +37,7 @@ def test_budget_sinks_window_and_true_positions(policy):
     cache = PrunedCache(policy)
     for _ in decode(model, ids, cache, steps=12):
         for layer in cache.layers:
-            assert layer.num_slots <= 24
+            assert layer.kept_slots <= 24
             pos = layer.positions[0]  # [Hkv, P]
             seen = layer.seen
             for p in (0, 1, *range(seen - 6, seen)):
@@ -61,7 +61,7 @@ def test_float_budget_is_a_fraction_of_tokens_seen():
     assert len(steps) == 11
     for layer in cache.layers:
         assert layer.seen == 50
-        assert layer.num_slots == 25
+        assert layer.kept_slots == 25
 
 
 def test_slack_bounds_the_layer_and_amortises_compaction():
@@ -69,7 +69,7 @@ def test_slack_bounds_the_layer_and_amortises_compaction():
     cache = PrunedCache(H2O(budget=16, window=4), slack=4)
     sizes = []
     for _ in decode(model, random_ids(1, 30), cache, steps=12):
-        sizes.append(cache.layers[0].num_slots)
+        sizes.append(cache.layers[0].kept_slots)
     assert max(sizes) <= 20
     assert sizes[0] == 16 and 20 in sizes
     assert cache.layers[0].evictions < 12
@@ -84,9 +84,11 @@ def test_report_counts_layers_bytes_and_ratio():
     for row, layer in zip(report.layers, cache.layers):
         assert isinstance(layer, PrunedLayer)
         assert (row.seen, row.kept) == (44, 16)
-        expected = sum(t.nbytes for t in (layer.keys, layer.values, layer.valid, layer.positions,
-                                          layer.scores, layer.real_seen))
+        tensors = (layer.keys, layer.values, layer.valid, layer.positions, layer.scores, layer.real_seen)
+        expected = sum(t.untyped_storage().nbytes() for t in tensors)  # whole buffers, capacity included
         assert row.bytes == expected
+        kv_storage = sum(t.untyped_storage().nbytes() for t in (layer.keys, layer.values))
+        assert kv_storage <= 1.1 * 16 * (layer.keys[0, 0, 0].nbytes + layer.values[0, 0, 0].nbytes) * 2
         assert row.evictions == 5
     assert report.total_bytes == sum(r.bytes for r in report.layers)
     assert report.ratio == pytest.approx(16 / 44)

@@ -30,7 +30,7 @@ def test_continuation_after_eviction_keeps_logical_length():
     follow = torch.cat([out, random_ids(1, 4, seed=3)], dim=1)
     model.generate(follow, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert cache.get_seq_length() == follow.shape[1] + 2
-    assert all(layer.num_slots == 12 for layer in cache.layers)
+    assert all(layer.kept_slots == 12 for layer in cache.layers)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -42,7 +42,7 @@ def test_chunk_after_eviction_is_causal_among_new_tokens(attn):
         cache = PrunedCache(Knorm(budget=16), slack=8)  # evicts at prefill, not within the slack
         with torch.no_grad():
             model(prompt, cache=cache)
-        assert cache.layers[0].num_slots == 16
+        assert cache.layers[0].kept_slots == 16
         return cache
 
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_beam_search_with_eviction_runs_and_holds_the_budget():
     out = model.generate(random_ids(2, 20), cache=cache, max_new_tokens=6, num_beams=3, do_sample=False,
                          pad_token_id=0)
     assert out.shape == (2, 26)
-    assert all(layer.keys.shape[:3] == (6, 2, 12) for layer in cache.layers)
+    assert all(layer.keys.shape[:2] == (6, 2) and layer.kept_slots == 12 for layer in cache.layers)
 
 
 def test_assisted_decoding_is_refused():

@@ -23,7 +23,7 @@ def test_sliding_layers_are_left_to_transformers(family, with_config):
             assert layer.keys.shape[-2] < model.config.sliding_window
         else:
             assert isinstance(layer, PrunedLayer) and row.pruned
-            assert layer.num_slots == 12
+            assert layer.kept_slots == 12
     assert cache.get_seq_length() == 33
 
 

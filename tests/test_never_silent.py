@@ -45,14 +45,14 @@ def test_a_budget_at_least_the_window_equals_transformers_sliding_layers(family)
     for policy in (None, Knorm(budget=20), H2O(budget=24, window=2)):
         cache = PrunedCache(policy)
         assert torch.equal(model.generate(ids, cache=cache, **settings), reference), policy
-        assert all(layer.num_slots == 15 for layer in cache.layers)  # window - 1, as transformers keeps
+        assert all(layer.kept_slots == 15 for layer in cache.layers)  # window - 1, as transformers keeps
 
 
 def test_the_reproduced_case_no_longer_keeps_42_slots():
     model = tiny_model("mistral", "eager", sliding_window=64)
     cache = PrunedCache(H2O(budget=8, window=2))
     model.generate(random_ids(1, 36, seed=4), cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert [layer.num_slots for layer in cache.layers] == [8, 8, 8]
+    assert [layer.kept_slots for layer in cache.layers] == [8, 8, 8]
 
 
 def bidirectional_prefix_mask(length: int, prefix: int) -> torch.Tensor:

@@ -1,17 +1,21 @@
 """End to end on the real SmolLM2-135M-Instruct: the retrieval prompts of tests/retrieval.py (a fact
-hidden in ~1.6k tokens of the Python language reference), first three cases, greedy.
+hidden in ~1.6k tokens of the Python language reference), first three cases.
 
-RECORDED holds how many cases each configuration answered when measured with
-`OMP_NUM_THREADS=1 python benchmarks/retrieval_counts.py` (CPU, fp32). A configuration fails the test
-if it answers fewer; one that answers more is a finding to record, not a failure. Every
-configuration must also hold its memory: the slots kept over all layers and heads never exceed the
-uniform budget's total (per-layer and per-head schedules redistribute it, within one slot per head).
+Per configuration, measured with `OMP_NUM_THREADS=1 python benchmarks/retrieval_counts.py` (CPU,
+fp32): RECORDED, how many greedy answers contain the fact, and RECORDED_NLL, the mean negative
+log-likelihood per token of the fact teacher-forced after the prompt (the full cache's is the
+floor). A configuration fails if it answers fewer cases or if its NLL rises by more than NLL_MARGIN
+nats; answering more or a lower NLL is a finding to record, not a failure. The NLL makes the test
+able to fail for configurations that answer none of the cases. Every configuration must also hold
+its memory: the slots kept over all layers and heads never exceed the uniform budget's total
+(per-layer and per-head schedules redistribute it, within one slot per head); the full cache keeps
+every token.
 """
 
 import math
 
 import pytest
-from retrieval import E2E_CASES, answers, policy_configs
+from retrieval import E2E_CASES, answer_and_nll, policy_configs
 
 from kvpress import PrunedLayer, load_model
 from kvpress.spec import build_cache, parse_spec
@@ -33,30 +37,40 @@ def smollm2():
     return load_model("smollm2")
 
 
-def test_every_configuration_has_a_recorded_count():
-    assert set(RECORDED) == set(CONFIGS)
+def test_every_configuration_has_recorded_values():
+    assert set(RECORDED) == set(CONFIGS) == set(RECORDED_NLL)
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_retrieval_answers_do_not_drop_below_the_recorded_count(smollm2, name):
+def test_retrieval_does_not_drop_below_the_recorded_answers_and_likelihood(smollm2, name):
     model, tokenizer = smollm2
     spec = parse_spec(CONFIGS[name])
-    caches = []
-    result = answers(model, tokenizer, lambda: caches.append(build_cache(spec)) or caches[-1], E2E_CASES)
-    assert sum(result) >= RECORDED[name], f"{name}: answered {result}, recorded {RECORDED[name]} of {len(E2E_CASES)}"
-    for cache in caches:
-        assert slots_kept(cache) <= allowed_slots(cache), f"{name} holds more than its budget"
+    answered, nlls = [], []
+    for case in E2E_CASES:
+        cache = build_cache(spec)
+        ok, nll = answer_and_nll(model, tokenizer, cache, case)
+        answered.append(ok)
+        nlls.append(nll)
+        if cache.policy is None:
+            assert slots_kept(cache) == sum(layer.num_heads * layer.seen for layer in pruned(cache))
+        else:
+            assert slots_kept(cache) <= allowed_slots(cache), f"{name} holds more than its budget"
+    assert sum(answered) >= RECORDED[name], f"{name}: answered {answered}, recorded {RECORDED[name]}"
+    nll = sum(nlls) / len(nlls)
+    assert nll <= RECORDED_NLL[name] + NLL_MARGIN, f"{name}: answer NLL {nll:.3f}, recorded {RECORDED_NLL[name]}"
+
+
+def pruned(cache) -> list[PrunedLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, PrunedLayer)]
 
 
 def slots_kept(cache) -> int:
-    return sum(int(layer.valid.sum()) for layer in cache.layers if isinstance(layer, PrunedLayer))
+    return sum(int(layer.valid.sum()) for layer in pruned(cache))
 
 
 def allowed_slots(cache) -> int:
-    layers = [layer for layer in cache.layers if isinstance(layer, PrunedLayer)]
-    if cache.policy is None:
-        return sum(layer.num_heads * layer.seen for layer in layers)
+    layers = pruned(cache)
     budget = cache.policy.budget
     per_head = math.floor(layers[0].seen * budget)
     return sum(layer.num_heads * (per_head + 1) for layer in layers)

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from kvpress.triton_kernels._common import HAS_TRITON, interpreting, next_power_of_2, tl, triton, use_triton
+from kvpress.triton_kernels._common import (
+    HAS_TRITON,
+    interpreting,
+    next_power_of_2,
+    on_device_of,
+    tl,
+    triton,
+    use_triton,
+)
 
 BLOCK_K = 32  # kept slots per program
 
@@ -32,9 +40,30 @@ def compact_slots_reference(
     return kept_keys, kept_values, positions.gather(-1, indices), scores.gather(-1, indices), kept_valid
 
 
+def check_indices(keys: torch.Tensor, indices: torch.Tensor) -> None:
+    """`indices` must be integer `[B, Hkv, K]` slots in `[0, P)`. The range check reads no value back
+    from a GPU: there it is a device-side assertion (as `torch.gather` makes), raised at the next
+    synchronisation; the kernel itself never reads outside the tensors."""
+    batch, kv_heads, slots = keys.shape[:3]
+    if indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 3 \
+            or tuple(indices.shape[:2]) != (batch, kv_heads):
+        raise ValueError(f"indices must be int64/int32 [B={batch}, Hkv={kv_heads}, K], got {indices.dtype} "
+                         f"{tuple(indices.shape)}")
+    if indices.device != keys.device:
+        raise ValueError(f"indices are on {indices.device} but keys are on {keys.device}")
+    message = f"compact_slots: indices must be slots in [0, P={slots})"
+    if indices.numel() == 0:
+        return
+    if indices.is_cuda:
+        torch._assert_async(((indices >= 0) & (indices < slots)).all(), message)
+    elif int(indices.min()) < 0 or int(indices.max()) >= slots:
+        raise ValueError(f"{message}, got values in [{int(indices.min())}, {int(indices.max())}]")
+
+
 def compact_slots_triton(keys, values, positions, scores, indices, valid=None):
     """Triton launcher; same contract as `compact_slots_reference`."""
-    batch, kv_heads, _, dim = keys.shape
+    check_indices(keys, indices)
+    batch, kv_heads, slots, dim = keys.shape
     value_dim = values.shape[-1]
     kept = indices.shape[-1]
     out_keys = keys.new_empty(batch, kv_heads, kept, dim)
@@ -47,17 +76,18 @@ def compact_slots_triton(keys, values, positions, scores, indices, valid=None):
     dst_valid = out_valid.view(torch.uint8) if has_valid else out_positions
     block_k = 16 if interpreting() else BLOCK_K
     grid = (triton.cdiv(kept, block_k), batch * kv_heads)
-    if kept:
-        _compact_kernel[grid](
-            keys, values, positions, scores, src_valid, indices,
-            out_keys, out_values, out_positions, out_scores, dst_valid,
-            *keys.stride(), *values.stride(), *positions.stride(), *scores.stride(),
-            *(src_valid.stride() if has_valid else (0, 0, 0)), *indices.stride(),
-            kv_heads, kept,
-            HEAD_DIM=dim, VALUE_DIM=value_dim,
-            BLOCK_K=block_k, BLOCK_D=next_power_of_2(dim), BLOCK_DV=next_power_of_2(value_dim),
-            HAS_VALID=has_valid,
-        )
+    if kept and batch * kv_heads:
+        with on_device_of(keys):
+            _compact_kernel[grid](
+                keys, values, positions, scores, src_valid, indices,
+                out_keys, out_values, out_positions, out_scores, dst_valid,
+                *keys.stride(), *values.stride(), *positions.stride(), *scores.stride(),
+                *(src_valid.stride() if has_valid else (0, 0, 0)), *indices.stride(),
+                kv_heads, slots, kept,
+                HEAD_DIM=dim, VALUE_DIM=value_dim,
+                BLOCK_K=block_k, BLOCK_D=next_power_of_2(dim), BLOCK_DV=next_power_of_2(value_dim),
+                HAS_VALID=has_valid,
+            )
     return out_keys, out_values, out_positions, out_scores, out_valid
 
 
@@ -79,18 +109,21 @@ if HAS_TRITON:
         stride_sb, stride_sh, stride_ss,
         stride_mb, stride_mh, stride_ms,
         stride_ib, stride_ih, stride_ik,
-        kv_heads, kept,
+        kv_heads, slots, kept,
         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_VALID: tl.constexpr,
     ):
-        """One (tile of kept slots, sequence, KV head): read the indices once, copy every per-slot row."""
+        """One (tile of kept slots, sequence, KV head): `out[.., j, :] = x[.., indices[j], :]` for every
+        per-slot tensor, the indices read once. An index outside `[0, P)` reads and writes nothing (the
+        launcher has asserted the range)."""
         tile = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)  # int64: offsets pass 2**31 elements on large caches
         b = bh // kv_heads
         h = bh % kv_heads
         j = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         j_ok = j < kept
-        src = tl.load(INDICES + b * stride_ib + h * stride_ih + j * stride_ik, mask=j_ok, other=0)
+        src = tl.load(INDICES + b * stride_ib + h * stride_ih + j * stride_ik, mask=j_ok, other=0).to(tl.int64)
+        j_ok = j_ok & (src >= 0) & (src < slots)
         dst = bh * kept + j  # outputs are contiguous [B, Hkv, K, ...]
         d = tl.arange(0, BLOCK_D)
         row = tl.load(KEYS + b * stride_kb + h * stride_kh + src[:, None] * stride_ks + d[None, :] * stride_kd,

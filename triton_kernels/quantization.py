@@ -6,8 +6,11 @@ Layouts are those of `kvpress.quant.QuantizedStore` (see docs/quantization.md): 
 (`scale/zero [..., NB, D]`, `block [..., N]` the block of each slot).
 
 Every Triton launcher `*_triton` has a PyTorch reference `*_reference` with the same signature, built
-on the primitives of `kvpress.quant` (which the cache uses on CPU). Rounding: the kernels use
-`floor(x + 0.5)`, the references `torch.round` (half to even); they differ only on exact ties.
+on the primitives of `kvpress.quant` (which the cache uses on CPU). Quantization is bit-exact
+against the references on a GPU too: the scale `(max - min) / levels` and its reciprocal use
+round-to-nearest division (`div_rn`; a plain `/` compiles to an approximate division), codes are
+rounded half to even as `torch.round` does, and the quantize kernels are compiled without
+multiply-add fusion (a fused `d * inverse + c` rounds once where torch rounds twice).
 `group`, `head_dim` and the block length must be powers of two for the kernels (`tl.arange`).
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kvpress import quant
-from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, tl, triton
+from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, on_device_of, tl, triton
 
 # ---- references ----
 
@@ -94,11 +97,29 @@ if HAS_TRITON:
         tl.store(out_ptr + rows[:, None] * PACKED + cols[None, :], packed.to(tl.uint8), mask=row_mask[:, None])
 
     @_jit
+    def _round_half_even(x):
+        """`torch.round` for |x| < 2**22: adding 1.5 * 2**23 leaves no fraction bits, so the fp32 add
+        rounds to the nearest integer, ties to even (1.5 * 2**23 is even); subtracting it is exact."""
+        return (x + 12582912.0) - 12582912.0
+
+    @_jit
+    def _to_nearest(x, DTYPE: tl.constexpr):
+        """fp32 `x` in `DTYPE`, rounded to nearest even as torch's `.to()`. bf16 is rounded here in
+        integer arithmetic (the interpreter's bf16 cast truncates; a GPU's rounds): adding
+        `0x7FFF + lowest kept bit` carries into the kept bits exactly when rounding goes up."""
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            nan = (bits & 0x7FFFFFFF) > 0x7F800000  # stays NaN
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = tl.where(nan, x, rounded.to(tl.float32, bitcast=True))
+        return x.to(DTYPE)
+
+    @_jit
     def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, M, D: tl.constexpr, GROUP: tl.constexpr,
                                 BITS: tl.constexpr, BLOCK_M: tl.constexpr):
         NG: tl.constexpr = D // GROUP
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: past 2**31 elements
         row_mask = rows < M
         g = tl.arange(0, NG)
         c = tl.arange(0, GROUP)
@@ -106,12 +127,12 @@ if HAS_TRITON:
         x = tl.load(x_ptr + offsets, mask=row_mask[:, None, None], other=0.0).to(tl.float32)
         low = tl.min(x, axis=2)
         high = tl.max(x, axis=2)
-        scale = (high - low) / LEVELS
-        scale = scale.to(scale_ptr.dtype.element_ty)
-        zero = low.to(zero_ptr.dtype.element_ty)
+        scale = tl.math.div_rn(high - low, LEVELS * 1.0)
+        scale = _to_nearest(scale, scale_ptr.dtype.element_ty)
+        zero = _to_nearest(low, zero_ptr.dtype.element_ty)
         s = scale.to(tl.float32)
-        inverse = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
-        codes = tl.floor((x - zero.to(tl.float32)[:, :, None]) * inverse[:, :, None] + 0.5)
+        inverse = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+        codes = _round_half_even((x - zero.to(tl.float32)[:, :, None]) * inverse[:, :, None])
         codes = tl.minimum(tl.maximum(codes, 0.0), LEVELS).to(tl.int32)
         param = rows[:, None] * NG + g[None, :]
         tl.store(scale_ptr + param, scale, mask=row_mask[:, None])
@@ -122,17 +143,17 @@ if HAS_TRITON:
     def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, D: tl.constexpr, G: tl.constexpr,
                               BITS: tl.constexpr):
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        blk = tl.program_id(0)
+        blk = tl.program_id(0).to(tl.int64)
         t = tl.arange(0, G)
         d = tl.arange(0, D)
         x = tl.load(x_ptr + blk * G * D + t[:, None] * D + d[None, :]).to(tl.float32)  # [G, D]
         low = tl.min(x, axis=0)
         high = tl.max(x, axis=0)
-        scale = ((high - low) / LEVELS).to(scale_ptr.dtype.element_ty)
-        zero = low.to(zero_ptr.dtype.element_ty)
+        scale = _to_nearest(tl.math.div_rn(high - low, LEVELS * 1.0), scale_ptr.dtype.element_ty)
+        zero = _to_nearest(low, zero_ptr.dtype.element_ty)
         s = scale.to(tl.float32)
-        inverse = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
-        codes = tl.floor((x - zero.to(tl.float32)[None, :]) * inverse[None, :] + 0.5)
+        inverse = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+        codes = _round_half_even((x - zero.to(tl.float32)[None, :]) * inverse[None, :])
         codes = tl.minimum(tl.maximum(codes, 0.0), LEVELS).to(tl.int32)
         tl.store(scale_ptr + blk * D + d, scale)
         tl.store(zero_ptr + blk * D + d, zero)
@@ -144,7 +165,7 @@ if HAS_TRITON:
                            BLOCK_M: tl.constexpr):
         """Values (`PER_CHANNEL=False`): params per row `[M, PARAMS]`, group = D / PARAMS channels.
         Keys (`PER_CHANNEL=True`): params per block `[NB, D]`, the block of row m is `block[m]`."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: past 2**31 elements
         row_mask = rows < M
         d = tl.arange(0, D)
         codes = _unpack(packed_ptr, rows[:, None], d[None, :], D * BITS // 8, BITS, row_mask[:, None])
@@ -164,7 +185,7 @@ if HAS_TRITON:
                                  D: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program per (batch row, query head): online softmax over the quantized slots (codes
         unpacked and dequantized in registers), then over the full-precision residual."""
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)
         b = pid // HQ
         hq = pid % HQ
         h = hq // (HQ // HKV)
@@ -217,6 +238,8 @@ if HAS_TRITON:
 
 
 # ---- launchers (same signatures as the references) ----
+EXACT = {"enable_fp_fusion": False}  # compile option of the quantize kernels (the interpreter ignores it)
+
 def _check_pow2(**sizes) -> None:
     for name, size in sizes.items():
         if next_power_of_2(size) != size:
@@ -231,7 +254,9 @@ def quantize_values_triton(x: torch.Tensor, bits: int, group: int):
     scale = torch.empty(rows, dim // group, dtype=x.dtype, device=x.device)
     zero = torch.empty_like(scale)
     block_m = 16
-    _quantize_values_kernel[(triton.cdiv(rows, block_m),)](x, packed, scale, zero, rows, dim, group, bits, block_m)
+    with on_device_of(x):
+        _quantize_values_kernel[(triton.cdiv(rows, block_m),)](x, packed, scale, zero, rows, dim, group, bits, block_m,
+                                                               **EXACT)
     return packed, scale, zero
 
 
@@ -242,7 +267,8 @@ def quantize_keys_triton(x: torch.Tensor, bits: int):
     packed = torch.empty(blocks, group, dim * bits // 8, dtype=torch.uint8, device=x.device)
     scale = torch.empty(blocks, dim, dtype=x.dtype, device=x.device)
     zero = torch.empty_like(scale)
-    _quantize_keys_kernel[(blocks,)](x, packed, scale, zero, dim, group, bits)
+    with on_device_of(x):
+        _quantize_keys_kernel[(blocks,)](x, packed, scale, zero, dim, group, bits, **EXACT)
     return packed, scale, zero
 
 
@@ -252,8 +278,9 @@ def dequantize_values_triton(packed, scale, zero, bits: int) -> torch.Tensor:
     _check_pow2(head_dim=dim, groups=params)
     out = torch.empty(rows, dim, dtype=scale.dtype, device=packed.device)
     block_m = 16
-    _dequantize_kernel[(triton.cdiv(rows, block_m),)](packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                                                      packed, out, rows, dim, params, bits, False, block_m)
+    with on_device_of(packed):
+        _dequantize_kernel[(triton.cdiv(rows, block_m),)](packed.contiguous(), scale.contiguous(), zero.contiguous(),
+                                                          packed, out, rows, dim, params, bits, False, block_m)
     return out
 
 
@@ -263,9 +290,10 @@ def dequantize_keys_triton(packed, scale, zero, block, bits: int) -> torch.Tenso
     _check_pow2(head_dim=dim)
     out = torch.empty(rows, dim, dtype=scale.dtype, device=packed.device)
     block_m = 16
-    _dequantize_kernel[(triton.cdiv(rows, block_m),)](packed.contiguous(), scale.contiguous(), zero.contiguous(),
-                                                      block.to(torch.int32).contiguous(), out, rows, dim, dim, bits,
-                                                      True, block_m)
+    with on_device_of(packed):
+        _dequantize_kernel[(triton.cdiv(rows, block_m),)](packed.contiguous(), scale.contiguous(), zero.contiguous(),
+                                                          block.to(torch.int32).contiguous(), out, rows, dim, dim,
+                                                          bits, True, block_m)
     return out
 
 
@@ -277,9 +305,10 @@ def quantized_decode_attention_triton(query, key_codes, key_scale, key_zero, key
     _check_pow2(head_dim=dim)
     out = torch.empty(batch, q_heads, dim, dtype=torch.float32, device=query.device)
     c = lambda t: t.contiguous()
-    _quantized_decode_kernel[(batch * q_heads,)](
-        c(query), c(key_codes), c(key_scale), c(key_zero), c(key_block.to(torch.int32)), c(value_codes),
-        c(value_scale), c(value_zero), c(residual_keys), c(residual_values), c(valid.to(torch.int8)), out,
-        scaling, slots, key_scale.shape[2], residual_keys.shape[2], q_heads, kv_heads, dim, value_scale.shape[-1],
-        bits, 32)
+    with on_device_of(query):
+        _quantized_decode_kernel[(batch * q_heads,)](
+            c(query), c(key_codes), c(key_scale), c(key_zero), c(key_block.to(torch.int32)), c(value_codes),
+            c(value_scale), c(value_zero), c(residual_keys), c(residual_values), c(valid.to(torch.int8)), out,
+            scaling, slots, key_scale.shape[2], residual_keys.shape[2], q_heads, kv_heads, dim, value_scale.shape[-1],
+            bits, 32)
     return out

@@ -42,3 +42,18 @@ def test_compaction_of_strided_storage_without_valid(device):
     assert got[4] is None and want[4] is None
     for a, b in zip(got[:4], want[:4]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 50])
+def test_compaction_refuses_indices_outside_the_slots(device, bad):
+    keys = torch.randn(1, 2, 50, 16, device=device)
+    positions = torch.arange(50, device=device).expand(1, 2, 50)
+    scores = torch.rand(1, 2, 50, device=device)
+    indices = kept_indices(1, 2, 50, 8, device)
+    with pytest.raises(ValueError, match="indices must be int64/int32"):
+        compact_slots_triton(keys, keys, positions, scores, indices.float())
+    if device.type == "cuda":
+        pytest.skip("on a GPU the range check is a device-side assertion, which ends the CUDA context")
+    indices[0, 1, 3] = bad
+    with pytest.raises(ValueError, match=r"indices must be slots in \[0, P=50\), got values in"):
+        compact_slots_triton(keys, keys, positions, scores, indices)

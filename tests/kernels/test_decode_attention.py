@@ -1,5 +1,7 @@
 """Fused decode attention + per-slot mass against its PyTorch reference and `kvpress.attention`."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from kvpress.triton_kernels.decode_attention import (
     decode_attention_reference,
     decode_attention_triton,
 )
+
+# the package re-exports a function named like this module: reach the module itself
+decode_module = importlib.import_module("kvpress.triton_kernels.decode_attention")
 
 
 def make_inputs(device, batch=2, kv_heads=2, group=3, slots=77, dim=32, value_dim=None, dtype=torch.float32):
@@ -38,7 +43,7 @@ def test_decode_matches_reference_across_head_dims_groups_and_dtypes(device, dim
     assert float(mass[~valid].abs().max()) == 0.0  # masked slots receive no mass
 
 
-def test_decode_reference_agrees_with_signals_grouped_attention(device):
+def test_decode_reference_agrees_with_library_grouped_attention(device):
     query, key, value, valid = make_inputs(device, group=4, slots=40)
     weights = torch.tensor([1.0], device=device)
     ref_out, ref_mass = decode_attention_reference(query, key, value, valid, scaling=0.2, softcap=3.0,
@@ -125,3 +130,52 @@ def test_decode_default_split_covers_every_slot(device):
     ref_out, ref_mass = decode_attention_reference(query, key, value, valid, scaling=0.2, weights=weights)
     torch.testing.assert_close(out, ref_out, **tolerance(torch.float32))
     torch.testing.assert_close(mass, ref_mass, **MASS_TOLERANCE)
+
+
+def test_decode_without_slots_outputs_zeros_and_an_empty_mass(device):
+    query, key, value, valid = make_inputs(device, group=3, slots=0)
+    weights = torch.tensor([1.0], device=device)
+    out, mass = decode_attention_triton(query, key, value, valid, scaling=0.2, weights=weights)
+    ref_out, ref_mass = decode_attention_reference(query, key, value, valid, scaling=0.2, weights=weights)
+    assert out.shape == (2, 1, 6, 32) and mass.shape == (2, 2, 0)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(out, ref_out) and ref_mass.shape == mass.shape
+    out_only, _ = decode_attention_triton(query, key, value, valid, scaling=0.2)
+    assert torch.equal(out_only, torch.zeros_like(out_only))
+
+
+def test_decode_merges_many_splits_as_one_tile(device):
+    # 40 splits of one tile each: the merge tile has 64 rows, 24 of them masked
+    query, key, value, valid = make_inputs(device, batch=1, kv_heads=1, group=2, slots=40 * 64 - 5, dim=16)
+    weights = torch.tensor([1.0], device=device)
+    out, mass = decode_attention_triton(query, key, value, valid, scaling=0.2, weights=weights, split_size=64)
+    ref_out, ref_mass = decode_attention_reference(query, key, value, valid, scaling=0.2, weights=weights)
+    torch.testing.assert_close(out, ref_out, **tolerance(torch.float32))
+    torch.testing.assert_close(mass, ref_mass, **MASS_TOLERANCE)
+
+
+def test_split_count_follows_multiprocessors_and_slots(monkeypatch):
+    monkeypatch.setattr(decode_module, "multiprocessors", lambda device: 132)  # an H200
+    cpu = torch.device("cpu")
+    splits = lambda batch_heads, slots: decode_module.split_count(
+        slots, decode_module.default_split_size(batch_heads, slots, cpu))
+    assert 16 < splits(8, 32768) <= decode_module.MAX_SPLITS  # batch 1, 8 KV heads: ~2 programs per SM
+    assert splits(8, 8192) == splits(8, 32768)
+    assert splits(64, 32768) == 5  # batch 8: 264 programs wanted, 64 (sequence, head) pairs
+    assert splits(8, 200) == 2  # short caches: no split shorter than two tiles
+    assert splits(1, 1 << 20) == decode_module.MAX_SPLITS
+
+
+def test_decode_rejects_bad_arguments_with_their_names(device):
+    query, key, value, valid = make_inputs(device, slots=100)
+    long_key = key[:, :, :1].expand(2, 2, 64 * 65, 32)  # 65 tiles: 65 one-tile splits are too many
+    with pytest.raises(ValueError, match="split_size must be at least"):
+        decode_attention_triton(query, long_key, long_key, valid[..., :1].expand(2, 2, 64 * 65), scaling=0.2,
+                                split_size=64)
+    with pytest.raises(ValueError, match="split_size must be a positive"):
+        decode_attention_triton(query, key, value, valid, scaling=0.2, split_size=-3)
+    with pytest.raises(ValueError, match="key.dtype"):
+        decode_attention_triton(query.half(), key, value.half(), valid, scaling=0.2)
+    with pytest.raises(ValueError, match="slot_valid must be bool"):
+        decode_attention_triton(query, key, value, valid.float(), scaling=0.2)
+    with pytest.raises(ValueError, match="weights must hold one value"):
+        decode_attention_triton(query, key, value, valid, scaling=0.2, weights=torch.ones(2, device=device))

@@ -48,7 +48,7 @@ def test_attention_and_mass_match_reference(device, dim, group, q_len, slots, dt
     torch.testing.assert_close(mass.sum(-1), torch.full_like(mass.sum(-1), group * q_len), rtol=1e-4, atol=1e-3)
 
 
-def test_references_agree_with_signals_grouped_attention(device):
+def test_references_agree_with_library_grouped_attention(device):
     query, key, value, valid = make_inputs(device, group=2, q_len=9, slots=25)
     query_valid = torch.ones(2, 9, dtype=torch.bool, device=device)
     query_valid[1, :3] = False  # left padding
@@ -76,7 +76,7 @@ def test_mass_computes_its_own_lse_with_decay_weights_padding_and_softcap(device
 
 
 @pytest.mark.parametrize("rows", [1, 6])  # TOVA's last row, a SnapKV window
-def test_mass_of_the_last_rows_matches_signals(device, rows):
+def test_mass_of_the_last_rows_matches_library_attention(device, rows):
     query, key, value, valid = make_inputs(device, group=3, q_len=30, slots=45, dim=16)
     window = query[:, :, -rows:]  # a strided view, as cache.py passes it
     weights = torch.ones(rows, device=device)

@@ -31,9 +31,11 @@ def test_quantize_values_kernel_matches_reference(bits):
     assert torch.equal(pack(codes, bits), ref_packed)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_quantize_keys_kernel_matches_reference(bits):
-    x = torch.randn(3, 16, 32, device=DEVICE)
+@pytest.mark.parametrize("bits, dtype", [(2, torch.float32), (4, torch.float32), (4, torch.bfloat16),
+                                         (2, torch.float16)])
+def test_quantize_keys_kernel_matches_reference(bits, dtype):
+    # bf16 scales round to nearest even, exactly as torch's cast (the interpreter's own cast truncates)
+    x = torch.randn(3, 16, 32, device=DEVICE).to(dtype) * 3
     x[:, :, 7] *= 30  # outlier channel
     got = qk.quantize_keys_triton(x, bits)
     ref = qk.quantize_keys_reference(x, bits)
@@ -92,3 +94,17 @@ def test_quantized_decode_attention_matches_reference_and_dequantized_attention(
             logits[~valid[b, kv]] = float("-inf")
             out[b, h] = torch.softmax(logits, 0) @ v[b, kv]
     assert torch.allclose(got, out, atol=1e-5)
+
+
+def test_quantize_rounds_exact_ties_to_even_like_torch_round():
+    # group of 8: min 0, max 3 -> 2-bit scale exactly 1, so 0.5, 1.5, 2.5 are exact ties
+    x = torch.tensor([[0.0, 0.5, 1.5, 2.5, 3.0, 1.0, 2.0, 0.25]] * 4, device=DEVICE)
+    packed, scale, zero = qk.quantize_values_triton(x, 2, 8)
+    ref_packed, ref_scale, ref_zero = qk.quantize_values_reference(x, 2, 8)
+    assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
+    assert torch.equal(packed, ref_packed)
+    codes = torch.tensor([[0, 0, 2, 2, 3, 1, 2, 0]] * 4, device=DEVICE)  # ties to even, as torch.round
+    assert torch.equal(packed, pack(codes, 2))
+    keys = qk.quantize_keys_triton(x.T.reshape(1, 8, 4).contiguous(), 2)
+    for a, b in zip(keys, qk.quantize_keys_reference(x.T.reshape(1, 8, 4).contiguous(), 2)):
+        assert torch.equal(a, b)

@@ -73,4 +73,4 @@ def test_forgetting_outside_unit_interval_is_rejected(value):
 def test_prefill_only_mode_does_not_evict_while_decoding():
     model, ids, extra = tiny_model(), token_ids(20), token_ids(4, seed=5)
     cache = prefill(model, ids, A2SF(budget=8, window=2, prefill_only=True), extra)
-    assert cache.layers[0].num_slots == 8 + 4
+    assert cache.layers[0].kept_slots == 8 + 4

@@ -1,0 +1,87 @@
+"""The decoding step makes no device-to-host sync, for every registered policy at slack 0 and 16, on a
+single row and on a padded batch; and the number of PyTorch ops per decoding step, printed against
+DynamicCache's.
+
+Quantized storage (QuantizedPruning, `PrunedCache(quantization=...)`) is the exception, stated in
+docs/decisions.md: its key groups span consecutive slots, so it compacts at every eviction, and
+compaction sizes its output from the device.
+"""
+
+import pytest
+import torch
+from registry_policies import make_policy
+from tiny_models import left_pad, random_ids, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache
+
+from kvpress import PrunedCache
+from kvpress.policies import REGISTRY, QuantizedPruning
+
+SYNCS = {"_local_scalar_dense", "is_nonzero", "nonzero", "item"}
+NAMES = sorted(name for name, cls in REGISTRY.items() if not issubclass(cls, QuantizedPruning))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op, and the ones that copy a device value to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        name = func.overloadpacket.__name__
+        if name in SYNCS:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", "eager")
+
+
+@torch.no_grad()
+def count_decode(model, cache, ids, mask, steps=6, warmup=2):
+    """Prefill, `warmup` decoding steps (a cross-layer allocation runs at the first one), then count
+    ops and syncs over `steps` decoding steps."""
+    logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+    counter = OpCounter()
+    for step in range(warmup + steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        token = logits.argmax(-1, keepdim=True)  # outside the counted region: generate's own sync
+        if step == warmup:
+            counter.__enter__()
+        logits = model(token, attention_mask=mask, cache=cache).logits[:, -1]
+    counter.__exit__(None, None, None)
+    return counter
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("slack", [0, 16])
+@pytest.mark.parametrize("padded", [False, True], ids=["single", "padded"])
+def test_a_decoding_step_makes_no_host_sync(model, name, slack, padded):
+    if padded:
+        ids, mask = left_pad([random_ids(1, 40, seed=1)[0], random_ids(1, 29, seed=2)[0]])
+    else:
+        ids = random_ids(1, 40, seed=1)
+        mask = torch.ones_like(ids)
+    cache = PrunedCache(make_policy(name, 12), slack=slack)
+    counter = count_decode(model, cache, ids, mask, steps=20)  # past a squeeze of holes too
+    assert counter.syncs == [], f"{name}: {counter.syncs}"
+    assert all(layer.evictions > 1 for layer in cache.layers)  # it did evict while decoding
+
+
+def test_ops_per_decoding_step_against_dynamic_cache(model, capsys):
+    ids = random_ids(1, 40, seed=3)
+    mask = torch.ones_like(ids)
+    baseline = count_decode(model, DynamicCache(config=model.config), ids, mask).ops
+    rows = []
+    for name in ("h2o", "snapkv", "tova"):
+        ops = count_decode(model, PrunedCache(make_policy(name, 12)), ids, mask).ops
+        rows.append(f"{name}: {ops / 6:.0f} ops per decoding step, DynamicCache {baseline / 6:.0f} "
+                    f"({ops / baseline:.2f}x)")
+        assert ops > baseline  # eviction is work: a count below the baseline means nothing ran
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
