@@ -53,17 +53,16 @@ def after_attention(layer: PrunedLayer, phase: str) -> None:
         cache.prefill_pending = True
         return
     if in_place:
-        layer.steps_since_eviction += 1
-        if layer.steps_since_eviction > cache.slack and host_slots_for_budget(layer.budget, layer.seen) < layer.seen:
+        if layer.tokens_since_eviction > cache.slack and host_slots_for_budget(layer.budget, layer.seen) < layer.seen:
             layer.slots.drop(policy.keep_mask(layer))
-            layer.steps_since_eviction = 0
+            layer.tokens_since_eviction = 0
             layer.evictions += 1
             policy.compacted(layer, None)
         return
     selection = policy.select(layer, cache.slack)
     if selection is not None:
         compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))
-        layer.steps_since_eviction = 0
+        layer.tokens_since_eviction = 0
 
 
 def room_after(layer: PrunedLayer, width: int) -> int:
@@ -71,6 +70,8 @@ def room_after(layer: PrunedLayer, width: int) -> int:
     new tokens of the decoding steps until the next squeeze: persistent storage stays within ~1.07x of
     the slots kept (plus the slack the user asked for), and a squeeze (one gather) comes every
     `width / 16` steps."""
+    if layer.cache.policy is not None and layer.cache.policy.exact_storage:
+        return width
     return width + layer.cache.slack + max(1, -(-width // 16))
 
 
@@ -82,7 +83,8 @@ def make_room(layer: PrunedLayer, q: int) -> None:
         return
     policy = layer.cache.policy
     if not slots.exact_prefix and policy is not None:
-        bound = policy.slot_bound(layer) + layer.cache.slack
+        # each (row, head) held at most the policy's bound at the last eviction, plus what came since
+        bound = policy.slot_bound(layer) + layer.tokens_since_eviction
         if layer.sliding_window is not None:
             bound = min(bound, layer.sliding_window - 1)
         width = min(slots.used, bound)
@@ -92,7 +94,8 @@ def make_room(layer: PrunedLayer, q: int) -> None:
         compact(layer, Selection(indices=index, valid=slots.valid.gather(-1, index)), count=False)
     need = slots.used + q
     if need > slots.capacity:
-        grow = max(need, slots.capacity + slots.capacity // 2) if q == 1 else need
+        exact = q > 1 or (policy is not None and policy.exact_storage)
+        grow = need if exact else max(need, slots.capacity + slots.capacity // 2)
         slots.reserve(grow)
 
 

@@ -48,7 +48,7 @@ class PrunedLayer(DynamicLayer):
         self.allocation: Allocation | None = None  # sizes chosen by a cross-layer allocation
         self.seen = 0
         self.evictions = 0
-        self.steps_since_eviction = 0  # decoding steps since the last eviction (host-side, for `slack`)
+        self.tokens_since_eviction = 0  # tokens written since the last eviction (host-side: slack, storage bounds)
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -106,6 +106,7 @@ class PrunedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         make_room(self, q)
+        self.tokens_since_eviction += q
         keys, values = self.slots.append(key_states, value_states)
         for state in self.states.values():
             state.append_slots(q, self.slots.capacity)

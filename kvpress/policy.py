@@ -127,6 +127,8 @@ class EvictionPolicy:
     sinks: int
     window: int
     allocates_across_layers: bool = False
+    # storage holds exactly the slots kept, no headroom for in-place decoding (a hard memory budget)
+    exact_storage: bool = False
 
     # ---- structure ----
     def chain(self) -> list[EvictionPolicy]:
@@ -326,6 +328,7 @@ class Wrapper(EvictionPolicy):
     sinks = property(lambda self: self.inner.sinks)
     window = property(lambda self: self.inner.window)
     allocates_across_layers = property(lambda self: self.inner.allocates_across_layers)
+    exact_storage = property(lambda self: self.inner.exact_storage)
 
     def chain(self) -> list[EvictionPolicy]:
         return [self, *self.inner.chain()]

@@ -404,14 +404,19 @@ class QuantizedStore:
 
 
 def kv_bytes(cache) -> int:
-    """Bytes of keys and values a cache holds (codes, scales, zero points, block counts and
-    full-precision residual for quantized layers; keys and values otherwise), without the eviction
-    bookkeeping (`valid`, `positions`, `scores`). Works for `PrunedCache` and transformers caches."""
+    """Bytes of keys and values a cache has allocated (codes, scales, zero points, block counts and
+    full-precision residual for quantized layers; key and value storage, capacity included,
+    otherwise), without the eviction bookkeeping (`valid`, `positions`, `scores`). Works for
+    `PrunedCache` and transformers caches."""
     total = 0
     for layer in getattr(cache, "layers", []):
         store = getattr(layer, "store", None)
         if store is not None:
             total += store.nbytes
+            continue
+        slots = getattr(layer, "slots", None)
+        if slots is not None:  # a PrunedLayer: its buffers, not only the slots in use
+            total += slots._keys.nbytes + slots._values.nbytes
             continue
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
             total += _tensor_bytes(getattr(layer, name, None))

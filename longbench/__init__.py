@@ -9,9 +9,13 @@ Modules, one job each:
 * ``metrics``  -- the official metric functions (quirks included)
 * ``scoring``  -- post-processing, task scores, LongBench-E buckets, v2 accuracy, averages
 * ``runner``   -- resumable, sharded prediction loop writing append-only JSONL
-* ``report``   -- result.json, markdown and CSV tables
-* ``plot``     -- score-vs-budget and KV-bytes-vs-score figures
+* ``store``    -- the files of a run folder
+* ``fidelity`` -- each task's metric with the full cache's predictions as references
+* ``report``   -- result.json (with completeness), markdown and CSV tables, the ``compare`` tables
+* ``plot``     -- score-vs-budget, KV-bytes-vs-score and the ``compare`` figure
+* ``progress`` -- one progress bar over the prediction files of every worker
 
 The exact protocol (prompts, truncation, generation lengths, metrics, aggregation) is the one of the
-official THUDM/LongBench code; see ``docs/longbench.md`` of the project for the specification.
+official THUDM/LongBench code; ``docs/longbench.md`` in the repository states it, lists the
+deviations and shows how to reproduce a published number.
 """

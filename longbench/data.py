@@ -6,15 +6,15 @@
   (the loading script is never used) and ``data.json`` of ``THUDM/LongBench-v2``;
 * ``sample``: the small bundled set in ``data/`` (LongBench-format, built by ``build_sample.py``).
 
-The default (``auto``) is the hub when it answers within a second or two, otherwise the bundled sample,
-so the command always runs offline. A malformed line raises :class:`DataError` naming file and line.
+The default (``auto``) is ``dir`` when a folder is given, otherwise the bundled sample: the data source
+never depends on whether the network answers. The hub is used only when asked for (``--data hub``).
+A malformed line raises :class:`DataError` naming file and line.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -110,22 +110,6 @@ def load_from_dir(directory: str | Path, config: Config) -> list[dict]:
                     + ", ".join(str(p) for p in candidates))
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Quick check that huggingface.co answers (False at once when HF_HUB_OFFLINE is set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError:
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_file(repo: str, filename: str) -> str:
     try:
         from huggingface_hub import hf_hub_download
@@ -148,9 +132,17 @@ def load_from_hub(config: Config) -> list[dict]:
             raise DataError(f"{archive} holds no {config.name}.jsonl")
         target = Path(archive).parent / "extracted" / f"{config.name}.jsonl"
         if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(zf.read(members[0]))
+            _write_atomically(target, zf.read(members[0]))
     return unique_ids(read_jsonl(target, V1_KEYS))
+
+
+def _write_atomically(target: Path, payload: bytes) -> None:
+    """Write to a temporary file of this process, then rename: a reader (another rank) sees either no
+    file or the whole file, never a partial one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, target)
 
 
 @dataclass(frozen=True)
@@ -175,16 +167,16 @@ class DataSource:
 
 
 def resolve_source(kind: str = "auto", data_dir: str | None = None) -> DataSource:
-    """Pick the data source; ``auto`` means ``--data-dir`` if given, else the hub if reachable, else
-    the bundled sample."""
+    """Pick the data source; ``auto`` means ``--data-dir`` if given, else the bundled sample. The
+    network is never consulted: the hub is used only when ``kind`` is ``"hub"``."""
     if kind not in SOURCES:
         raise ValueError(f"unknown data source {kind!r}; accepted: {', '.join(SOURCES)}")
     if data_dir is not None and kind in ("auto", "dir"):
         if not Path(data_dir).is_dir():
             raise DataError(f"--data-dir {data_dir} is not a folder")
         return DataSource("dir", str(Path(data_dir).resolve()))
+    if data_dir is not None:
+        raise ValueError(f"--data-dir cannot be combined with --data {kind}; accepted: --data auto or dir")
     if kind == "dir":
         raise ValueError("--data dir needs --data-dir FOLDER")
-    if kind == "auto":
-        return DataSource("hub" if hub_reachable() else "sample")
-    return DataSource(kind)
+    return DataSource("sample" if kind == "auto" else kind)

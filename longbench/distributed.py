@@ -1,8 +1,8 @@
 """Sharding across processes started by ``torchrun`` (or any launcher setting RANK and WORLD_SIZE).
 
-Each rank takes every ``world``-th sample and writes its own prediction file; ranks meet at barriers
-(a ``gloo`` process group, which works on CPU and GPU machines alike) so that rank 0 can merge the
-files and score once everyone is done.
+Each rank takes every ``world``-th sample of the run (counted across its tasks) and writes its own
+prediction file; ranks meet at barriers (a ``gloo`` process group, which works on CPU and GPU machines
+alike) so that rank 0 can merge the files and score once everyone is done.
 """
 
 from __future__ import annotations
@@ -47,9 +47,22 @@ class Shard:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def take(self, items: list) -> list:
-        """This rank's share: every ``world``-th item starting at ``rank``."""
-        return items[self.rank::self.world]
+    def take(self, items: list, offset: int = 0) -> list:
+        """This rank's share: the items whose global index ``offset + i`` is ``rank`` modulo ``world``.
+        Passing the number of items of the earlier tasks as ``offset`` deals the samples of a whole run
+        round-robin, so ranks stay balanced when tasks are small (3 records on 2 ranks: 2-1 per task,
+        but 6-6 over 4 tasks)."""
+        return items[(self.rank - offset) % self.world::self.world]
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object); the value itself with one process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:

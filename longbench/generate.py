@@ -1,8 +1,17 @@
 """One greedy generation per sample, with a fresh cache, as the official ``pred.py`` runs it.
 
-Batch size 1, ``do_sample=False``, ``num_beams=1``, the task's ``max_new_tokens``; the model's EOS
-stops every task, SAMSum also stops at the newline token and may not stop on its first token
-(``min_length = prompt + 1``). Only the new tokens are decoded (special tokens skipped, no stripping).
+Batch size 1, ``do_sample=False``, ``num_beams=1``, the task's ``max_new_tokens``; the generation
+config's EOS stops every task except SAMSum, which stops on ``[tokenizer.eos_token_id, newline id]``
+exactly as the official code (not on the generation config's list) and may not stop on its first
+token (``min_length = prompt + 1``). Only the new tokens are decoded (special tokens skipped, no
+stripping).
+
+Question-agnostic compression (``context_end``): the context prefix is prefilled alone, so the policy
+evicts at the end of that forward without having seen the question; ``generate`` then gets the whole
+prompt with the same cache and feeds only the uncached tail (question, answer cue, chat tags) in one
+forward. Evicted context tokens are gone for good; the cache's budget keeps applying to everything it
+has seen, so the policy may evict again at the end of the tail (every policy of this library keeps
+its budget at every step), choosing among the context it kept and the tail.
 """
 
 from __future__ import annotations
@@ -57,13 +66,15 @@ def cache_stats(cache) -> CacheStats | None:
 
 
 def stop_token_ids(model, tokenizer, stop_at_newline: bool) -> list[int] | None:
-    """EOS ids of the generation config, plus the newline id (last id of ``encode("\\n")``) if asked."""
+    """The EOS ids of the generation config; for the newline-stopped task (SAMSum), exactly the
+    official ``[tokenizer.eos_token_id, tokenizer.encode("\\n", add_special_tokens=False)[-1]]``."""
+    if stop_at_newline:
+        newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+        return [i for i in (tokenizer.eos_token_id, newline) if i is not None]
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if stop_at_newline:
-        ids.append(tokenizer.encode("\n", add_special_tokens=False)[-1])
     return ids or None
 
 
@@ -77,14 +88,25 @@ class Generation:
     cache: CacheStats | None
 
 
+def prefill_context(model, ids: torch.Tensor, context_end: int, cache) -> None:
+    """Feed ``ids[:, :context_end]`` in one forward; the policy evicts at its end."""
+    model(input_ids=ids[:, :context_end], cache=cache, use_cache=True, logits_to_keep=1)
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, input_ids: list[int], settings: GenerationSettings,
-             make_cache: Callable[[], object] | None = None) -> Generation:
-    """Greedy-decode one prompt with a fresh cache from ``make_cache`` (None: transformers' default)."""
+             make_cache: Callable[[], object] | None = None, context_end: int | None = None) -> Generation:
+    """Greedy-decode one prompt with a fresh cache from ``make_cache`` (None: transformers' default).
+    With ``context_end``, ``input_ids[:context_end]`` is prefilled and compressed before the rest is
+    seen (question-agnostic compression)."""
     torch.manual_seed(SEED)
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     cache = make_cache() if make_cache is not None else None
+    if context_end is not None and cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {
         "attention_mask": torch.ones_like(ids), "max_new_tokens": settings.max_new_tokens, "do_sample": False,
@@ -96,6 +118,8 @@ def generate(model, tokenizer, input_ids: list[int], settings: GenerationSetting
     if cache is not None:
         kwargs["cache"] = cache
     start = time.perf_counter()
+    if context_end is not None:
+        prefill_context(model, ids, context_end, cache)
     out = model.generate(ids, **kwargs)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:].tolist()

@@ -4,7 +4,10 @@ They follow the reference ``metrics.py`` of THUDM/LongBench exactly, quirks incl
 quirks move task scores by tenths of a point:
 
 * ROUGE-L comes from the ``rouge`` package 1.0.1 (pltrdy) and any exception scores 0 -- including the
-  ``RecursionError`` the package raises on long sentences, so never raise the recursion limit here.
+  ``RecursionError`` its recursive LCS reconstruction raises on long sentences (about 990 words for
+  two identical texts). Where that cut-off falls depends on how deep the caller's stack already is, so
+  :func:`rouge_detail` gives the package exactly the headroom it has under the official ``eval.py``
+  (``<module> -> scorer -> rouge_score``), whatever the entry point (see :func:`official_headroom`).
 * Chinese text is segmented with ``jieba`` 0.42.1 (``cut_all=False``).
 * ``classification_score`` removes items from a list while iterating over it (skipping the next one).
 * ``code_sim_score`` uses fuzzywuzzy 0.18.0's ``ratio`` with its pure-Python ``difflib`` matcher,
@@ -17,8 +20,11 @@ import difflib
 import logging
 import re
 import string
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
+from functools import cache
 
 CODE_SIM_BACKEND = "difflib (fuzzywuzzy 0.18.0 ratio semantics)"
 
@@ -68,16 +74,65 @@ def qa_f1_zh_score(prediction: str, ground_truth: str, **_) -> float:
     return f1_tokens(pred, ref)
 
 
+def stack_headroom() -> int:
+    """How many more nested Python calls fit in the caller's frame before ``RecursionError``."""
+    def dive(depth: int) -> int:
+        try:
+            return dive(depth + 1)
+        except RecursionError:
+            return depth
+
+    return dive(0)
+
+
+# The official scorer's call chain, run as a script: ``python eval.py`` calls ``scorer`` at module
+# level, ``scorer`` calls the metric, the metric calls ``Rouge().get_scores``.
+_OFFICIAL_CHAIN = """
+import sys
+sys.setrecursionlimit({limit})
+{probe}
+def rouge_score(prediction, ground_truth, **kwargs):
+    print(stack_headroom())
+    return 0.0
+def scorer(dataset, predictions, answers, all_classes):
+    for prediction, ground_truths in zip(predictions, answers):
+        for ground_truth in ground_truths:
+            max(0.0, rouge_score(prediction, ground_truth, all_classes=all_classes))
+scorer("gov_report", ["a"], [["a"]], None)
+"""
+
+
+@cache
+def official_headroom(limit: int) -> int:
+    """The headroom ``Rouge().get_scores`` gets under the official ``eval.py`` with recursion limit
+    ``limit``, measured once per process by running the official call chain in this interpreter."""
+    import inspect
+
+    probe = inspect.getsource(stack_headroom)
+    script = _OFFICIAL_CHAIN.format(limit=limit, probe=probe)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot measure the official scorer's stack headroom: {done.stderr.strip()}")
+    return int(done.stdout.strip())
+
+
 def rouge_detail(prediction: str, ground_truth: str) -> tuple[float, str | None]:
-    """ROUGE-L F of the ``rouge`` package and the failure kind: None, ``"recursion"`` or ``"error"``."""
+    """ROUGE-L F of the ``rouge`` package and the failure kind: None, ``"recursion"`` or ``"error"``.
+    The recursion limit is shifted for the call so that the package has the official headroom."""
     from rouge import Rouge
 
+    rouge = Rouge()
+    limit = sys.getrecursionlimit()
+    here = stack_headroom()  # measured in this frame, like the probe in rouge_score of the official chain
+    sys.setrecursionlimit(limit - here + official_headroom(limit))
     try:
-        scores = Rouge().get_scores([prediction], [ground_truth], avg=True)
+        scores = rouge.get_scores([prediction], [ground_truth], avg=True)
     except RecursionError:
         return 0.0, "recursion"
     except Exception:  # noqa: BLE001 -- the official scorer catches everything (empty hypothesis too)
         return 0.0, "error"
+    finally:
+        sys.setrecursionlimit(limit)
     return scores["rouge-l"]["f"], None
 
 

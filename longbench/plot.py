@@ -88,3 +88,43 @@ def plot_runs(folders: list[str], out_dir: str) -> list[Path]:
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_comparison(rows: list[dict], path: str | Path) -> Path:
+    """``kvpress compare``'s figure: fidelity and score against KV bytes relative to the full cache,
+    one line per policy (and compression mode), the full cache as a black star. ``rows`` are the
+    summary rows of ``report.comparison_rows`` (first row: the full cache)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full, others = rows[0], rows[1:]
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for row in others:
+        if row["kv_vs_full"] is not None:
+            name = row["policy"] if row["compress"] == "question" else f"{row['policy']} [context]"
+            lines[name].append(row)
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
+    for ax, key, title in ((axes[0], "fidelity", "fidelity to the full cache"),
+                           (axes[1], "score", "LongBench score")):
+        for name, points in sorted(lines.items()):
+            points = sorted((p for p in points if p[key] is not None), key=lambda p: p["kv_vs_full"])
+            ax.plot([p["kv_vs_full"] for p in points], [p[key] for p in points], marker="o", label=name)
+        reference = 100.0 if key == "fidelity" else full["score"]
+        if reference is not None:
+            ax.plot([1.0], [reference], marker="*", markersize=11, color="black", linestyle="none",
+                    label="full cache")
+        ax.set_xlabel("KV bytes relative to the full cache")
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fidelity (0-100)")
+    axes[1].set_ylabel("average score (0-100)")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

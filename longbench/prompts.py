@@ -4,10 +4,16 @@ Order of operations (as in the official ``pred.py``):
 
 1. fill the task template with ``str.format(**record)`` (v2: plain ``$PLACEHOLDER$`` replacement);
 2. middle-truncate the raw prompt to ``max_length`` tokens of the evaluated model, counted with the
-   tokenizer's default special tokens: keep the decoded first and last ``int(max_length / 2)`` tokens;
+   tokenizer's default special tokens. v1/E (``LongBench/pred.py``): the first and the last
+   ``int(max_length / 2)`` tokens, each half decoded separately; v2 (``pred.py`` of LongBench v2):
+   ``ids[:max_len//2] + ids[-max_len//2:]`` decoded once;
 3. wrap the (truncated) prompt in the chat template as one user turn, unless the mode or the task says
    raw text (``official`` skips trec, triviaqa, samsum, lsht, lcc, repobench-p; base models never);
 4. tokenize, without adding special tokens again when the templated text already holds the BOS string.
+
+For ``--compress context`` the same token ids are split in two: the prefix up to the end of the
+context (compressed before the question is seen) and the tail (question, instructions, answer cue,
+closing chat tags); see :func:`context_tail` and :func:`encode`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,28 @@ def build_v2_prompt(record: dict, template: str = "0shot", cot: str | None = Non
     return text
 
 
+def context_tail(task: Task, record: dict) -> str | None:
+    """The formatted template text after ``{context}`` (question, instructions, answer cue), or None
+    when the template puts ``{input}`` before the context: then no split is made (the sample is run
+    question-aware and counted as a fallback). No official v1 template does so."""
+    head, marker, tail = task.prompt.partition("{context}")
+    if not marker or "{input}" in head:
+        return None
+    return tail.format(**record)
+
+
+def v2_context_tail(record: dict, template: str) -> str | None:
+    """The filled v2 template text after ``$DOC$`` (None for templates without a document)."""
+    text = V2_TEMPLATES[template]
+    head, marker, tail = text.partition("$DOC$")
+    if not marker or "$Q$" in head:
+        return None
+    for placeholder, key in (("$Q$", "question"), ("$C_A$", "choice_A"), ("$C_B$", "choice_B"),
+                             ("$C_C$", "choice_C"), ("$C_D$", "choice_D")):
+        tail = tail.replace(placeholder, record[key].strip())
+    return tail
+
+
 def count_tokens(tokenizer, text: str) -> int:
     """Token count with the tokenizer's default special tokens (a BOS, when added, is counted)."""
     return len(tokenizer(text).input_ids)
@@ -54,6 +82,16 @@ def truncate_middle(tokenizer, prompt: str, max_length: int | None) -> tuple[str
     head = tokenizer.decode(ids[:half], skip_special_tokens=True)
     tail = tokenizer.decode(ids[-half:], skip_special_tokens=True) if half else ""
     return head + tail, len(ids)
+
+
+def truncate_middle_v2(tokenizer, prompt: str, max_length: int | None) -> tuple[str, int]:
+    """LongBench v2's middle truncation: ``ids[:max_len//2] + ids[-max_len//2:]`` decoded in one piece
+    (``-max_len//2`` is ``(-max_len)//2``, so an odd limit keeps one more token at the end)."""
+    ids = tokenizer.encode(prompt)
+    if max_length is None or len(ids) <= max_length:
+        return prompt, len(ids)
+    kept = ids[:max_length // 2] + ids[-max_length // 2:]
+    return tokenizer.decode(kept, skip_special_tokens=True), len(ids)
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -91,21 +129,40 @@ class ModelInput:
     truncated_tokens: int  # prompt after truncation, before the chat template
     truncated: bool
     templated: bool
+    context_end: int | None = None  # ids[:context_end] end with the context (only when a tail was given)
 
 
 def encode(tokenizer, prompt: str, *, task: Task | None, max_length: int | None,
-           chat_template: str = "official") -> ModelInput:
-    """Truncate, template and tokenize one prompt exactly as the official code does."""
-    text, raw_tokens = truncate_middle(tokenizer, prompt, max_length)
+           chat_template: str = "official", tail: str | None = None) -> ModelInput:
+    """Truncate, template and tokenize one prompt exactly as the official code does (``task=None`` is
+    LongBench v2). With ``tail`` (the prompt text after the context), also find where the context
+    ends in the token ids: the first token starting at or after the context's last character. No
+    split (``context_end=None``) when the truncated prompt no longer ends with the tail (a tail longer
+    than half of ``max_length``) or the chat template rewrites the prompt text."""
+    truncate = truncate_middle if task is not None else truncate_middle_v2
+    text, raw_tokens = truncate(tokenizer, prompt, max_length)
     truncated = text != prompt
     truncated_tokens = count_tokens(tokenizer, text) if truncated else raw_tokens
+    context_char = len(text) - len(tail) if tail and text.endswith(tail) else None
     templated = use_chat_template(tokenizer, task, chat_template)
+    special = True
     if templated:
+        content = text
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
         bos = getattr(tokenizer, "bos_token", None)
-        ids = tokenizer(text, add_special_tokens=not (bos and bos in text)).input_ids
-    else:
-        ids = tokenizer(text).input_ids
-    return ModelInput(list(ids), raw_tokens, truncated_tokens, truncated, templated)
+        special = not (bos and bos in text)
+        start = text.find(content)
+        context_char = None if context_char is None or start < 0 else start + context_char
+    if context_char is None:
+        return ModelInput(list(tokenizer(text, add_special_tokens=special).input_ids), raw_tokens,
+                          truncated_tokens, truncated, templated)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("--compress context needs a fast tokenizer (character offsets of the tokens)")
+    encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = list(encoded.input_ids), encoded.offset_mapping
+    split = next((i for i, (begin, end) in enumerate(offsets) if end > begin >= context_char), None)
+    if split is not None and not 0 < split < len(ids):
+        split = None
+    return ModelInput(ids, raw_tokens, truncated_tokens, truncated, templated, split)

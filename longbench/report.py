@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from .fidelity import run_fidelity
 from .scoring import aggregates, score_task, score_task_e, score_v2
 from .store import RunStore
 from .tasks import e_buckets, resolve_config
@@ -45,15 +47,69 @@ def task_row(name: str, records: list[dict]) -> tuple[dict, object]:
     return row, score
 
 
-def score_run(out_dir) -> dict:
-    """Score every task of a run folder from its prediction files; returns the result dictionary."""
+OFFICIAL_SUITE_SIZES = {"v1": 4750, "e": 3668, "v2": 503}
+
+
+def official_count(name: str) -> int:
+    """Samples of a configuration in the full official data (``tasks.json``; v2: 503)."""
+    config = resolve_config(name)
+    if config.is_v2:
+        return OFFICIAL_SUITE_SIZES["v2"]
+    return config.task.n_samples_e if config.is_e else config.task.n_samples_v1
+
+
+def suite_of(name: str) -> str:
+    config = resolve_config(name)
+    return "v2" if config.is_v2 else "e" if config.is_e else "v1"
+
+
+def completeness(counts: dict[str, tuple[int, int | None]]) -> dict:
+    """Whether a run covers its data and the official sets: ``counts`` maps a task to (predictions,
+    records of the run's data or None when unknown)."""
+    tasks_ = {name: {"predicted": done, "dataset": size, "official": official_count(name)}
+              for name, (done, size) in counts.items()}
+    suites = {}
+    for name, row in tasks_.items():
+        suite = suites.setdefault(suite_of(name), {"predicted": 0, "official": OFFICIAL_SUITE_SIZES[suite_of(name)]})
+        suite["predicted"] += row["predicted"]
+    for suite in suites.values():
+        suite["complete"] = suite["predicted"] == suite["official"]
+    missing = {n: r["dataset"] - r["predicted"] for n, r in tasks_.items()
+               if r["dataset"] is not None and r["predicted"] < r["dataset"]}
+    short = {n: r for n, r in tasks_.items() if r["dataset"] is not None and r["dataset"] != r["official"]}
+    notes = [f"{n}: {k} sample(s) of the data not predicted yet" for n, k in missing.items()]
+    notes += [f"{n}: the data holds {r['dataset']} records, the official set {r['official']}" for n, r in short.items()]
+    notes += [f"{suite}: {row['predicted']} of the official {row['official']} samples"
+              for suite, row in suites.items() if not row["complete"]]
+    return {"complete": not missing, "official_data": not short, "official_complete": all(r["complete"] for r in suites.values()),
+            "tasks": tasks_, "suites": suites, "notes": notes}
+
+
+def load_scored_records(out_dir) -> tuple[dict, dict[str, list[dict]], dict]:
+    """The header, each task's predictions (only ids of the run's data when ``dataset_ids.json``
+    exists) and the completeness block."""
     store = RunStore(out_dir)
     header = store.read_header()
     if header is None:
         raise FileNotFoundError(f"{out_dir} is not a run folder (no {store.header_path.name})")
-    v1, e, rows, result = {}, {}, [], {}
+    ids = store.read_dataset_ids() or {}
+    records, counts = {}, {}
     for name in header["config"]["tasks"]:
-        records = store.load(name)
+        found = store.load(name)
+        if name in ids:
+            keep = set(ids[name])
+            found = [r for r in found if r["_id"] in keep]
+        records[name] = found
+        counts[name] = (len(found), len(ids[name]) if name in ids else None)
+    return header, records, completeness(counts)
+
+
+def score_run(out_dir, reference=None) -> dict:
+    """Score every task of a run folder from its prediction files; returns the result dictionary.
+    ``reference``: a full-cache run folder of the same data and protocol, for the fidelity scores."""
+    header, by_task, complete = load_scored_records(out_dir)
+    v1, e, rows, result = {}, {}, [], {}
+    for name, records in by_task.items():
         if not records:
             continue
         row, score = task_row(name, records)
@@ -63,7 +119,13 @@ def score_run(out_dir) -> dict:
         if config.is_v2:
             continue
         (e if config.is_e else v1)[name] = score
+    if reference is not None:
+        fidelity = run_fidelity(by_task, reference)
+        for row in rows:
+            row.update({k: fidelity["tasks"].get(row["task"], {}).get(k) for k in ("fidelity", "identical")})
+        result["fidelity"] = fidelity
     result["aggregates"] = aggregates(v1, e)
+    result["completeness"] = complete
     result["rows"] = rows
     result["run"] = header
     return result
@@ -79,7 +141,8 @@ def _fmt(value, digits: int = 2) -> str:
 
 def table_columns(rows: list[dict]) -> list[str]:
     buckets = [b for b, _, _ in e_buckets() if any(b in r for r in rows)]
-    return COLUMNS[:3] + buckets + COLUMNS[3:]
+    fidelity = [c for c in ("fidelity", "identical") if any(r.get(c) is not None for r in rows)]
+    return COLUMNS[:3] + buckets + fidelity + COLUMNS[3:]
 
 
 def markdown_table(rows: list[dict], aggregates_: dict | None = None) -> str:
@@ -126,23 +189,92 @@ def v2_table(result: dict) -> str | None:
                       "| " + " | ".join(_fmt(v2.get(k), 1) for k in keys) + " |"])
 
 
-def comparison_table(results: dict[str, dict]) -> str:
-    """One row per run (label -> result), one column per task, plus the average and KV bytes."""
-    tasks: list[str] = []
-    for result in results.values():
-        tasks += [r["task"] for r in result["rows"] if r["task"] not in tasks]
-    columns = ["run"] + tasks + ["avg", "kv_slots_kept", "kv_bytes", "seconds"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for label, result in results.items():
-        by_task = {r["task"]: r for r in result["rows"]}
-        cells = [label] + [_fmt(by_task[t]["score"]) if t in by_task else "-" for t in tasks]
-        agg = result["aggregates"]
-        cells.append(_fmt(agg["avg_en16"] if agg.get("avg_en16") is not None else agg.get("avg_tasks")))
-        rows = result["rows"]
-        weights = [r["samples"] for r in rows]
-        for key in ("kv_slots_kept", "kv_bytes"):
-            vals = [(r[key], w) for r, w in zip(rows, weights) if r.get(key) is not None]
-            cells.append(_fmt(sum(v * w for v, w in vals) / sum(w for _, w in vals), 0) if vals else "-")
-        cells.append(_fmt(sum(r["seconds"] for r in rows), 1))
+def mean_kv_bytes(result: dict) -> float | None:
+    """Mean KV bytes per sample over every task of a run (weighted by samples)."""
+    pairs = [(r["kv_bytes"], r["samples"]) for r in result["rows"] if r.get("kv_bytes") is not None]
+    total = sum(n for _, n in pairs)
+    return sum(b * n for b, n in pairs) / total if total else None
+
+
+def run_average(result: dict) -> float | None:
+    agg = result["aggregates"]
+    return agg["avg_en16"] if agg.get("avg_en16") is not None else agg.get("avg_tasks")
+
+
+@dataclass
+class ComparedRun:
+    """One run of ``kvpress compare``: its spec, compression mode and scored result."""
+
+    spec: str
+    compress: str
+    result: dict
+    policy: str = "full"
+    budget: float | int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec if self.compress == "question" else f"{self.spec} [context]"
+
+    def summary(self, full_bytes: float | None) -> dict:
+        fidelity = self.result.get("fidelity") or {}
+        nbytes = mean_kv_bytes(self.result)
+        return {"run": self.label, "policy": self.policy, "budget": self.budget, "compress": self.compress,
+                "task": "all", "score": run_average(self.result), "fidelity": fidelity.get("avg"),
+                "identical": fidelity.get("identical"), "kv_bytes": nbytes,
+                "kv_vs_full": nbytes / full_bytes if nbytes is not None and full_bytes else None,
+                "seconds": sum(r["seconds"] for r in self.result["rows"])}
+
+    def task_rows(self) -> list[dict]:
+        return [{"run": self.label, "policy": self.policy, "budget": self.budget, "compress": self.compress,
+                 "task": r["task"], "score": r["score"], "fidelity": r.get("fidelity"),
+                 "identical": r.get("identical"), "kv_bytes": r.get("kv_bytes"), "seconds": r["seconds"]}
+                for r in self.result["rows"]]
+
+
+COMPARE_COLUMNS = ["run", "score", "fidelity", "identical %", "KV bytes vs full", "generation s"]
+
+
+def comparison_rows(runs: list[ComparedRun]) -> list[dict]:
+    """One summary row per run; the first run is the full-cache reference."""
+    full_bytes = mean_kv_bytes(runs[0].result) if runs else None
+    return [run.summary(full_bytes) for run in runs]
+
+
+def comparison_table(runs: list[ComparedRun]) -> str:
+    """The summary table: average score, fidelity to the full cache, identical share, mean KV bytes
+    relative to the full cache, generation seconds (sum over samples)."""
+    lines = ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|---|" + "---:|" * (len(COMPARE_COLUMNS) - 1)]
+    for i, row in enumerate(comparison_rows(runs)):
+        fidelity = "reference" if i == 0 else _fmt(row["fidelity"])
+        identical = "reference" if i == 0 else _fmt(row["identical"], 1)
+        cells = [row["run"], _fmt(row["score"]), fidelity, identical, _fmt(row["kv_vs_full"], 3),
+                 _fmt(row["seconds"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def per_task_table(runs: list[ComparedRun]) -> str:
+    """Score and fidelity of every task: one row per run, cells ``score / fidelity``."""
+    tasks: list[str] = []
+    for run in runs:
+        tasks += [r["task"] for r in run.result["rows"] if r["task"] not in tasks]
+    lines = ["| run | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for i, run in enumerate(runs):
+        rows = {r["task"]: r for r in run.task_rows()}
+        cells = [_fmt(rows[t]["score"]) + ("" if i == 0 else f" / {_fmt(rows[t]['fidelity'])}")
+                 if t in rows else "-" for t in tasks]
+        lines.append(f"| {run.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_csv(runs: list[ComparedRun]) -> str:
+    """Long format: one row per (run, task) plus a row per run with ``task = all``."""
+    columns = ["run", "policy", "budget", "compress", "task", "score", "fidelity", "identical", "kv_bytes",
+               "kv_vs_full", "seconds"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for run, summary in zip(runs, comparison_rows(runs)):
+        writer.writerow(summary)
+        writer.writerows(run.task_rows())
+    return buffer.getvalue()

@@ -2,8 +2,8 @@
 LongBench v2 accuracy and the averages reported by papers and the leaderboard.
 
 Task score (v1): ``round(100 * mean(sample scores), 2)`` with one sample score per prediction, the
-maximum of the metric over the record's ``answers``. LongBench-E: the same per length bucket (an empty
-bucket is ``None``). v2: accuracy x100 rounded to one decimal, overall and by difficulty and length.
+maximum of the metric over the record's ``answers``. LongBench-E: ``round(100 * np.mean(x), 2)`` per
+length bucket, as the official ``scorer_e`` (an empty bucket is ``None``). v2: accuracy x100 rounded to one decimal, overall and by difficulty and length.
 """
 
 from __future__ import annotations
@@ -51,6 +51,17 @@ def mean_score(values: list[float], digits: int = 2) -> float | None:
     return round(100 * sum(values) / len(values), digits)
 
 
+def mean_score_e(values: list[float]) -> float | None:
+    """A LongBench-E bucket score exactly as the official ``scorer_e``: ``round(100 * np.mean(x), 2)``.
+    ``np.mean`` sums pairwise and ``round`` of a NumPy float rounds by scaling, so the result can differ
+    by 0.01 from ``round(100 * sum / len, 2)``; None for an empty bucket (NaN in the reference code)."""
+    if not values:
+        return None
+    import numpy as np
+
+    return float(round(100 * np.mean(np.asarray(values, dtype=np.float64)), 2))
+
+
 def task_classes(records: list[dict]) -> list[str] | None:
     """The task's ``all_classes`` as the official eval passes it: the value of the last record."""
     return records[-1].get("all_classes") if records else None
@@ -77,7 +88,7 @@ def score_task_e(task: Task, records: list[dict]) -> dict[str, float | None]:
     groups: dict[str, list[float]] = {name: [] for name, _, _ in e_buckets()}
     for record, sample in zip(records, samples):
         groups[bucket_of(int(record["length"]))].append(sample.score)
-    return {name: mean_score(values) for name, values in groups.items()}
+    return {name: mean_score_e(values) for name, values in groups.items()}
 
 
 _V2 = read_config("v2_prompts.json")

@@ -3,6 +3,7 @@
 ::
 
     OUT/run.json                        header: the run's full configuration plus metadata
+    OUT/dataset_ids.json                the ``_id`` of every record of each task, in dataset order
     OUT/predictions/<task>.jsonl        predictions, one JSON object per line, keyed by ``_id``
     OUT/predictions/<task>.rank<r>.jsonl  a rank's share while a sharded run is in progress
     OUT/result.json, results.md, results.csv   scores (written by ``report``)
@@ -21,6 +22,7 @@ from pathlib import Path
 from .data import DataError
 
 HEADER = "run.json"
+DATASET_IDS = "dataset_ids.json"
 PRED_DIR = "predictions"
 
 
@@ -85,6 +87,35 @@ class RunStore:
         tmp = self.header_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.replace(self.header_path)
+
+    def write_dataset_ids(self, ids: dict[str, list[str]]) -> None:
+        """Record which records the run's data holds; scoring keeps only predictions of these ids."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / DATASET_IDS
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(ids, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    def read_dataset_ids(self) -> dict[str, list[str]] | None:
+        """The ids written by :meth:`write_dataset_ids`; None for a folder without them."""
+        path = self.root / DATASET_IDS
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+    def count_lines(self, task: str) -> int:
+        """Complete lines in the task's prediction files (a cheap count of predictions for progress)."""
+        total = 0
+        for path in self.task_files(task):
+            try:
+                with open(path, "rb") as handle:
+                    total += sum(block.count(b"\n") for block in iter(lambda h=handle: h.read(1 << 20), b""))
+            except FileNotFoundError:  # merged away between the listing and the open
+                continue
+        return total
 
     def task_path(self, task: str) -> Path:
         return self.root / PRED_DIR / f"{task}.jsonl"
@@ -151,10 +182,26 @@ class PredictionWriter:
         self.close()
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a file back to its last complete line, so appends never glue onto a torn record."""
+def _drop_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
+    """Cut a file back to its last complete line, so appends never glue onto a torn record. The file
+    is truncated in place (never rewritten), so a kill during this step loses nothing else."""
     if not path.is_file():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+    with open(path, "rb+") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        handle.seek(end - 1)
+        if handle.read(1) == b"\n":
+            return
+        position = end
+        while position > 0:  # scan backwards for the last newline
+            start = max(0, position - chunk)
+            handle.seek(start)
+            block = handle.read(position - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                handle.truncate(start + newline + 1)
+                return
+            position = start
+        handle.truncate(0)

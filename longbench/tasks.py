@@ -133,3 +133,17 @@ def parse_task_list(text: str | list[str]) -> list[Config]:
     for name in names:
         seen.setdefault(name, resolve_config(name))
     return list(seen.values())
+
+
+def known_max_length(model: str) -> tuple[int, str] | None:
+    """The v1 truncation length of ``model`` from ``model2maxlen.json`` and where it comes from, or
+    None for a model it does not list. The model is matched by the last part of its hub id or path,
+    case-insensitively: the official table first, then the lengths used by the anchor papers."""
+    table = read_config("model2maxlen.json")
+    name = model.rstrip("/").split("/")[-1].lower()
+    for section in ("official_v1", "anchor_protocols"):
+        for key, value in table[section].items():
+            if key.lower() == name:
+                length = value["max_length"] if isinstance(value, dict) else value
+                return int(length), f"model2maxlen.json {section}[{key!r}]"
+    return None

@@ -55,6 +55,8 @@ class QuantizedPruning(Wrapper):
         layers = 1 if self.per_layer else sum(type(other) is type(layer) for other in layer.cache.layers)
         return self.memory_bytes // (max(layers, 1) * layer.num_heads)
 
+    exact_storage = True  # `memory` is a hard limit: no storage headroom beyond the slots kept
+
     def refuse(self, inner):
         if isinstance(inner, QuantizedPruning):
             return "QuantizedPruning appears twice; use one quantizedpruning(...)"

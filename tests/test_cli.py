@@ -67,6 +67,36 @@ def test_real_data_requires_max_length(tmp_path, capsys):
     assert "--max-length is required" in capsys.readouterr().err
 
 
-def test_help(capsys):
-    assert cli.main([]) == 0
-    assert "kvpress longbench score DIR" in capsys.readouterr().out
+def test_help_is_plain_usage(capsys):
+    for argv in ([], ["--help"], ["-h"]):
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: kvpress COMMAND")
+        for command in ("compare", "longbench score DIR", "longbench plot DIR", "policies", "torchrun"):
+            assert command in out
+        assert "``" not in out and "::" not in out and ":data:" not in out  # no reStructuredText markup
+
+
+def test_documents_the_package_points_to_exist():
+    from pathlib import Path
+
+    import kvpress.longbench
+
+    assert "docs/longbench.md" in kvpress.longbench.__doc__
+    assert (Path(__file__).parents[1] / "docs" / "longbench.md").is_file()
+
+
+def test_ranks_share_a_run_round_robin_across_tasks():
+    from kvpress.longbench.distributed import Shard
+
+    tasks = [list(range(3)), list(range(3, 6)), list(range(6, 9)), list(range(9, 12))]  # 4 tasks x 3 records
+    for world in (2, 3, 5):
+        shares = [[] for _ in range(world)]
+        for rank in range(world):
+            offset = 0
+            for items in tasks:
+                shares[rank] += Shard(rank, world).take(items, offset)
+                offset += len(items)
+        assert sorted(i for share in shares for i in share) == list(range(12))  # every sample exactly once
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1            # balanced over the run
+        assert all(share == [i for i in range(12) if i % world == r] for r, share in enumerate(shares))

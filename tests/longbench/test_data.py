@@ -77,11 +77,21 @@ def test_config_integrity():
     assert sum(t.n_samples_e or 0 for t in tasks().values()) == 3668
 
 
-def test_auto_source_falls_back_to_the_sample_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_auto_source_never_consults_the_network(monkeypatch, tmp_path):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the data source must not depend on the network")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     assert data.resolve_source("auto").kind == "sample"
+    assert data.resolve_source("auto", str(tmp_path)) == data.DataSource("dir", str(tmp_path.resolve()))
+    assert data.resolve_source("hub").kind == "hub"  # only when asked for
     with pytest.raises(ValueError, match="auto, hub, dir, sample"):
         data.resolve_source("web")
+    with pytest.raises(ValueError, match="--data-dir cannot be combined with --data hub"):
+        data.resolve_source("hub", str(tmp_path))
 
 
 def test_sample_task_outside_the_sample_is_refused():
@@ -136,3 +146,30 @@ def test_hub_source_reads_the_config_from_data_zip(tmp_path, monkeypatch):
     assert calls == [("THUDM/LongBench", "data.zip", "dataset")]
     with pytest.raises(data.DataError, match="holds no qasper.jsonl"):
         data.DataSource("hub").load(resolve_config("qasper"))
+
+
+def test_hub_extraction_is_atomic(tmp_path, monkeypatch):
+    """A rank reading while another extracts sees no file or the whole file, never a partial one."""
+    import os
+    import zipfile
+
+    import huggingface_hub
+
+    archive = tmp_path / "data.zip"
+    lines = "".join(json.dumps(dict(V1, _id=f"x{i}")) + "\n" for i in range(50))
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("data/trec.jsonl", lines)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kw: str(archive))
+    target = tmp_path / "extracted" / "trec.jsonl"
+    renames = []
+    real_replace = os.replace
+
+    def watch(src, dst):
+        assert not Path(dst).exists() and Path(src).read_text() == lines  # complete before it appears
+        renames.append((Path(src).parent, Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", watch)
+    assert len(data.DataSource("hub").load(resolve_config("trec"))) == 50
+    assert renames == [(target.parent, target)]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["trec.jsonl"]  # no temporary file left

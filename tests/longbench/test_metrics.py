@@ -111,3 +111,79 @@ def test_retrieval_zh_and_count_digit_runs():
 def test_unknown_metric_names_the_accepted_ones():
     with pytest.raises(ValueError, match="qa_f1_score"):
         metrics.get_metric("bleu")
+
+
+# Sample scores (passage_count: the share of digit runs equal to the reference "3") whose bucket score
+# differs between round(100 * sum / len, 2) and the official round(100 * np.mean(x), 2).
+E_PREDICTIONS = {0.0: "4", 1.0: "3", 0.5: "3 4", 0.25: "3 4 4 4", 0.75: "3 3 3 4", 1 / 3: "3 4 4",
+                 2 / 3: "3 3 4", 0.4: "3 3 4 4 4", 0.6: "3 3 3 4 4", 0.8: "3 3 3 3 4"}
+E_VALUES = [0.0, 0.75, 1.0, 1.0, 0.5, 0.8, 2 / 3, 0.0, 1 / 3, 0.4, 0.25, 0.75, 2 / 3, 0.75, 0.25, 1 / 3, 0.75,
+            0.5, 0.4, 1.0, 0.25, 1.0, 0.4, 0.6]
+
+
+def test_e_bucket_rounds_like_np_mean():
+    import numpy as np
+
+    official = float(round(100 * np.mean(E_VALUES), 2))
+    assert official == 55.62 and round(100 * sum(E_VALUES) / len(E_VALUES), 2) == 55.63  # the case discriminates
+    task = resolve_config("passage_count_e").task
+    records = [{"pred": E_PREDICTIONS[v], "answers": ["3"], "all_classes": None, "length": 100} for v in E_VALUES]
+    assert [score_sample(task, r["pred"], r["answers"]).score for r in records] == pytest.approx(E_VALUES)
+    assert score_task_e(task, records)["0-4k"] == official
+
+
+OFFICIAL_EVAL = """
+import sys
+from rouge import Rouge
+
+def rouge_score(prediction, ground_truth, **kwargs):  # LongBench/metrics.py
+    rouge = Rouge()
+    try:
+        scores = rouge.get_scores([prediction], [ground_truth], avg=True)
+    except:
+        return 0.0
+    return scores["rouge-l"]["f"]
+
+def scorer(dataset, predictions, answers, all_classes):  # LongBench/eval.py
+    total_score = 0.
+    for (prediction, ground_truths) in zip(predictions, answers):
+        score = 0.
+        for ground_truth in ground_truths:
+            score = max(score, rouge_score(prediction, ground_truth, all_classes=all_classes))
+        total_score += score
+    return round(100 * total_score / len(predictions), 2)
+
+lo, hi = int(sys.argv[1]), int(sys.argv[2])  # identical texts of lo words score 100, of hi words 0
+assert scorer("gov_report", [" ".join(f"w{i}" for i in range(lo))], [[" ".join(f"w{i}" for i in range(lo))]], None) > 0
+assert scorer("gov_report", [" ".join(f"w{i}" for i in range(hi))], [[" ".join(f"w{i}" for i in range(hi))]], None) == 0
+while hi - lo > 1:
+    mid = (lo + hi) // 2
+    text = " ".join(f"w{i}" for i in range(mid))
+    if scorer("gov_report", [text], [[text]], None) > 0:
+        lo = mid
+    else:
+        hi = mid
+print(lo)
+"""
+
+
+def _nested(depth: int, fn):
+    return fn() if depth == 0 else _nested(depth - 1, fn)
+
+
+def test_rouge_recursion_cut_off_is_the_official_one_at_any_stack_depth():
+    """The longest pair of identical texts the official eval.py (run as a script) still scores, found by
+    bisection, scores here too, and one word more fails, however deep the caller's stack is."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", OFFICIAL_EVAL, "985", "996"], capture_output=True, text=True,
+                          check=True)
+    longest = int(done.stdout)
+    task = resolve_config("gov_report").task
+    for depth in (0, 150):
+        for words, expected in ((longest, 1.0), (longest + 1, 0.0)):
+            text = " ".join(f"w{i}" for i in range(words))
+            sample = _nested(depth, lambda t=text: score_sample(task, t, [t]))
+            assert sample.score == pytest.approx(expected, abs=1e-6), (depth, words)
+            assert sample.rouge_recursion == (expected == 0.0)

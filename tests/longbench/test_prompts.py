@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -179,3 +180,66 @@ def test_e_config_uses_its_base_task():
     assert config.is_e and config.task.name == "qasper"
     with pytest.raises(ValueError, match="hotpotqa"):
         resolve_config("musique_e")  # musique has no LongBench-E config
+
+
+V2_RECORD = {"context": " ".join(f"w{i}" for i in range(300)), "question": "Which one?", "choice_A": "a",
+             "choice_B": "b", "choice_C": "c", "choice_D": "d"}
+
+
+@pytest.mark.parametrize("max_length", [100, 101])
+def test_v2_truncation_is_the_official_v2_rule(tokenizer, max_length):
+    prompt = prompts.build_v2_prompt(V2_RECORD, "0shot")
+    ids = tokenizer.encode(prompt)
+    text, raw = prompts.truncate_middle_v2(tokenizer, prompt, max_length)
+    # LongBench v2 pred.py: input_ids[:max_len//2] + input_ids[-max_len//2:], decoded once
+    assert raw == len(ids) and text == tokenizer.decode(ids[:max_length // 2] + ids[-max_length // 2:],
+                                                         skip_special_tokens=True)
+    assert prompts.truncate_middle_v2(tokenizer, prompt, len(ids)) == (prompt, len(ids))
+    if max_length % 2:  # v1's rule keeps int(max_length / 2) on each side: one token less
+        assert prompts.truncate_middle(tokenizer, prompt, max_length)[0] != text
+
+
+def test_v2_uses_its_own_limit_not_the_v1_one(tokenizer):
+    prompt = prompts.build_v2_prompt(V2_RECORD, "0shot")
+    v2 = prompts.encode(tokenizer, prompt, task=None, max_length=101)
+    assert v2.truncated and tokenizer.decode(v2.input_ids).count("Which one?") == 1
+    assert v2.truncated_tokens == prompts.count_tokens(tokenizer, prompts.truncate_middle_v2(tokenizer, prompt, 101)[0])
+
+
+def test_the_question_follows_the_context_in_every_official_template():
+    for name, task in tasks().items():
+        assert prompts.context_tail(task, RECORD) is not None, name
+        if "{input}" in task.prompt:
+            assert "<INPUT>" in prompts.context_tail(task, RECORD), name
+    assert prompts.v2_context_tail(V2_RECORD, "0shot").startswith("\n</text>\n\nWhat is the correct answer")
+    assert prompts.v2_context_tail(V2_RECORD, "0shot_no_context") is None  # nothing to compress
+    assert prompts.v2_context_tail(V2_RECORD, "0shot_cot_ans") is None  # the document is omitted there
+
+
+def test_question_first_template_is_not_split():
+    task = dataclasses.replace(tasks()["hotpotqa"], prompt="Question: {input}\n\n{context}\n\nAnswer:")
+    assert prompts.context_tail(task, RECORD) is None
+
+
+@pytest.mark.parametrize("name, max_length", [("hotpotqa", None), ("hotpotqa", 120), ("lcc", None),
+                                              ("passage_retrieval_en", 150)])
+def test_context_split_is_at_the_end_of_the_context(tokenizer, name, max_length):
+    task = tasks()[name]
+    record = dict(RECORD, context=" ".join(f"w{i}" for i in range(200)) + " LAST", input="Who wrote it?")
+    prompt = prompts.build_prompt(task, record)
+    tail = prompts.context_tail(task, record)
+    plain = prompts.encode(tokenizer, prompt, task=task, max_length=max_length)
+    split = prompts.encode(tokenizer, prompt, task=task, max_length=max_length, tail=tail)
+    assert split.input_ids == plain.input_ids and plain.context_end is None  # same tokens, only a split point
+    head = tokenizer.decode(split.input_ids[:split.context_end])
+    rest = tokenizer.decode(split.input_ids[split.context_end:])
+    assert head.endswith(" LAST") and rest.startswith(tail)
+    assert "Who wrote it?" not in head
+
+
+def test_no_split_when_truncation_cut_into_the_tail(tokenizer):
+    task = tasks()["hotpotqa"]
+    record = dict(RECORD, context=" ".join(f"w{i}" for i in range(200)), input=" ".join(f"q{i}" for i in range(80)))
+    prompt = prompts.build_prompt(task, record)
+    encoded = prompts.encode(tokenizer, prompt, task=task, max_length=60, tail=prompts.context_tail(task, record))
+    assert encoded.truncated and encoded.context_end is None

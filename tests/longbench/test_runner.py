@@ -211,7 +211,7 @@ def test_longbench_v2_run_and_breakdown(tiny, tmp_path):
     (folder / "data.json").write_text(json.dumps(records))
     model, tokenizer = tiny
     out = tmp_path / "v2run"
-    assert runner.run(runner.RunSettings(model="tiny", tasks=["v2"], max_length=64, data="dir"),
+    assert runner.run(runner.RunSettings(model="tiny", tasks=["v2"], v2_max_length=64, data="dir"),
                       parse_task_list("v2"), DataSource("dir", str(folder)), model, tokenizer, None, out,
                       progress=False)
     preds = predictions(out)["v2.jsonl"]

@@ -91,14 +91,29 @@ def test_score_and_plot_commands(tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_comparison_table_has_one_row_per_run(tmp_path):
-    from kvpress.longbench.report import comparison_table, score_run
+def test_comparison_table_reports_score_fidelity_bytes_and_time(tmp_path):
+    from kvpress.longbench.plot import plot_comparison
+    from kvpress.longbench.report import (
+        ComparedRun,
+        comparison_csv,
+        comparison_rows,
+        comparison_table,
+        per_task_table,
+        score_run,
+    )
 
     _fake_run(tmp_path / "a", "full", None, "3", 4000)
     _fake_run(tmp_path / "b", "h2o:budget=0.2", 0.2, "4", 1000)
-    table = comparison_table({"full": score_run(tmp_path / "a"), "h2o:budget=0.2": score_run(tmp_path / "b")})
-    lines = table.splitlines()
-    assert lines[0] == "| run | passage_count | lcc | avg | kv_slots_kept | kv_bytes | seconds |"
-    # passage_count: the first prediction of every fake run is wrong ("0"), the second "3" or "4"
-    assert lines[2] == "| full | 50.00 | 100.00 | 75.00 | 50 | 4,000 | 3.0 |"
-    assert lines[3] == "| h2o:budget=0.2 | 0.00 | 100.00 | 50.00 | 50 | 1,000 | 3.0 |"
+    runs = [ComparedRun("full", "question", score_run(tmp_path / "a")),
+            ComparedRun("h2o:budget=0.2", "question", score_run(tmp_path / "b", reference=tmp_path / "a"), "h2o", 0.2)]
+    lines = comparison_table(runs).splitlines()
+    assert lines[0] == "| run | score | fidelity | identical % | KV bytes vs full | generation s |"
+    # passage_count: full says "0" then "3", h2o "0" then "4": one of two samples identical; lcc identical
+    assert lines[2] == "| full | 75.00 | reference | reference | 1.000 | 3.0 |"
+    assert lines[3] == "| h2o:budget=0.2 | 50.00 | 75.00 | 66.7 | 0.250 | 3.0 |"
+    assert per_task_table(runs).splitlines()[3] == "| h2o:budget=0.2 | 0.00 / 50.00 | 100.00 / 100.00 |"
+    csv_lines = comparison_csv(runs).splitlines()
+    assert csv_lines[0] == "run,policy,budget,compress,task,score,fidelity,identical,kv_bytes,kv_vs_full,seconds"
+    assert len(csv_lines) == 1 + 2 * 3
+    path = plot_comparison(comparison_rows(runs), tmp_path / "compare.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
