@@ -122,11 +122,23 @@ def _scoring_peak_mib(length: int, heads=9, kv_heads=3, dim=64) -> float:
 def prefill_peak_mib(cache_kind: str, length: int) -> float:
     """Peak resident memory of one SmolLM2 prefill of `length` tokens above the loaded model, with a
     `DynamicCache` ("dynamic") or `PrunedCache(KVCompose(budget=0.2))` ("kvcompose", the allocation
-    and compaction included), each in a fresh process."""
+    and compaction included), each in a fresh process. glibc's mmap threshold is fixed in that process
+    (`MALLOC_MMAP_THRESHOLD_`): by default it grows after large frees, so later tensors come from the
+    heap, which is not returned to the system, and resident memory then depends on allocation history
+    (measured: 1.1 to 1.9 GiB for one 8k prefill); with a fixed threshold every large tensor is mapped
+    and returned when freed, so resident memory follows the live tensors."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_prefill_peak_mib, (cache_kind, length))
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # read by the spawned process at start
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_prefill_peak_mib, (cache_kind, length))
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
 
 
 def _prefill_peak_mib(cache_kind: str, length: int) -> float:
