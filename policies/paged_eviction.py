@@ -36,11 +36,12 @@ class PagedEviction(Policy):
     the KV heads, so every head keeps the same tokens; a block scores the mean of its tokens.
     Prompt (a forward of several tokens): the first block and the newest (partial) block of the
     prompt are kept, the other tokens ranked one by one, the best kept up to the budget; the kept
-    tokens then form the blocks. Decoding: when the layer holds more than its budget (plus the cache's
-    slack), it evicts as many whole blocks as needed, the lowest-scoring first, never the first block
-    nor the newest, so between steps the size stays in `[budget - block_size, budget]` and no block is
-    left partly filled. With a slack of 0 and a budget that is a multiple of `block_size`, that is
-    one block each time the newest block fills. `oldest_blocks` is the reference's "local" variant:
+    tokens then form the blocks. Decoding: whenever the cache evicts (every step at slack 0, every
+    `slack + 1` steps otherwise) and the layer holds more than its budget, it evicts the fewest whole
+    blocks that bring it back within the budget, the lowest-scoring first, never the first block nor
+    the newest, so at slack 0 the size stays in `[budget - block_size, budget]` between steps and no
+    block is left partly filled. With a budget that is a multiple of `block_size`, that is one block
+    each time the newest block fills and the next token arrives. `oldest_blocks` is the reference's "local" variant:
     only the `oldest_blocks` blocks after the first may be evicted (None: any block, "global").
     Sinks and window, if given, protect the whole blocks that hold those tokens.
 
