@@ -161,3 +161,27 @@ def test_spec_string_and_validation():
     for field, value in (("block_size", 0), ("token_score", "attention"), ("oldest_blocks", 0)):
         with pytest.raises(ValueError, match=field):
             PagedEviction(**{field: value})
+
+
+def test_with_slack_several_whole_blocks_go_at_once_and_the_budget_holds_after():
+    model, ids = tiny_model(), token_ids(50, seed=9)
+    budget, block, slack = 24, 4, 6
+    cache = PrunedCache(PagedEviction(budget=budget, block_size=block), slack=slack)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    dropped = 0
+    for index, token in enumerate(token_ids(21, seed=10)[0].tolist()):
+        before = [held(layer) for layer in cache.layers]
+        step(model, cache, token)
+        for positions, layer in zip(before, cache.layers):
+            grown, after = positions + [50 + index], held(layer)
+            assert len(after) <= budget + slack
+            if len(after) == len(grown):
+                continue
+            dropped += 1
+            assert len(after) <= budget
+            gone = [rank for rank, p in enumerate(grown) if p not in after]
+            blocks = {rank // block for rank in gone}
+            assert gone == [r for b in sorted(blocks) for r in range(b * block, b * block + block)]
+            assert 0 not in blocks and (len(grown) - 1) // block not in blocks
+    assert dropped == 3 * len(cache.layers)  # every slack + 1 = 7 steps
