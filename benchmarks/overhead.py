@@ -32,8 +32,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpress import PrunedCache, PrunedLayer, load_model
-from kvpress.policies import H2O, TOVA, AdaKV, KVCompose, SnapKV
 from kvpress.attention import grouped_attention, row_weights
+from kvpress.policies import H2O, TOVA, AdaKV, KVCompose, SnapKV
 
 torch.set_num_threads(1)
 
@@ -242,14 +242,15 @@ def main(argv=None) -> int:
     ids = torch.randint(3, smol.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(2))
     base = prefill_seconds(smol, ids, DynamicCache, repeats)
     for name, policy in (("H2O", H2O(budget=0.5)), ("SnapKV", SnapKV(budget=0.5))):
-        ours = prefill_seconds(smol, ids, lambda: PrunedCache(policy), repeats)
+        ours = prefill_seconds(smol, ids, lambda policy=policy: PrunedCache(policy), repeats)
         lines.append(row(f"SmolLM2-135M: prefill with {name} scoring + eviction vs sdpa ({prompt} tokens)",
                          ours, base, "<= 1.3x"))
 
     ids = torch.randint(3, smol.config.vocab_size, (1, long_prompt), generator=torch.Generator().manual_seed(3))
     base = decode_per_token(smol, ids, DynamicCache, steps)
     for slack in (0, 16):
-        ours = decode_per_token(smol, ids, lambda: PrunedCache(H2O(budget=512, window=32), slack=slack), steps)
+        ours = decode_per_token(smol, ids, lambda slack=slack: PrunedCache(H2O(budget=512, window=32), slack=slack),
+                                steps)
         lines.append(row(f"SmolLM2-135M: decode/token after {long_prompt} tokens, H2O budget 512, slack {slack} "
                          "vs DynamicCache", ours, base, "<= 0.70x" if slack == 0 else "faster"))
 
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     base = decode_per_token(smol, ids, DynamicCache, steps)
     for name, policy, slack in (("H2O", H2O(budget=0.5), 0), ("SnapKV", SnapKV(budget=0.5), 0),
                                 ("SnapKV", SnapKV(budget=0.5), 16)):
-        ours = decode_per_token(smol, ids, lambda: PrunedCache(policy, slack=slack), steps)
+        ours = decode_per_token(smol, ids, lambda policy=policy, slack=slack: PrunedCache(policy, slack=slack), steps)
         lines.append(row(f"SmolLM2-135M: decode/token after 1000 tokens, {name} budget 0.5, slack {slack}, "
                          "evicting every step (or every 16) vs DynamicCache", ours, base,
                          "<= 1.10x" if name == "H2O" else "(cost of eviction)"))
@@ -269,14 +270,14 @@ def main(argv=None) -> int:
     for name, policy in (("H2O 0.2", H2O(budget=0.2)), ("SnapKV 0.2", SnapKV(budget=0.2)),
                          ("AdaKV(SnapKV) 0.2", AdaKV(SnapKV(budget=0.2)))):
         cache = PrunedCache(policy)
-        decode_per_token(smol, ids, lambda: cache, 8)
+        decode_per_token(smol, ids, lambda cache=cache: cache, 8)
         print(f"| {name} | {storage_ratio(cache):.2f} | {'<= 1.1' if name.startswith('AdaKV') else ''} |")
     print()
     print("| SmolLM2-135M, 1000-token prompt | aten ops per decoding step | DynamicCache | ratio |")
     print("| --- | --- | --- | --- |")
     base_ops = ops_per_step(smol, ids, DynamicCache)
     for name, policy in (("H2O", H2O(budget=0.5)), ("SnapKV", SnapKV(budget=0.5)), ("TOVA", TOVA(budget=0.5))):
-        ops = ops_per_step(smol, ids, lambda: PrunedCache(policy))
+        ops = ops_per_step(smol, ids, lambda policy=policy: PrunedCache(policy))
         print(f"| {name} budget 0.5, slack 0 | {ops:.0f} | {base_ops:.0f} | {ops / base_ops:.2f}x |")
     print()
     print("| prefill scoring, one SmolLM2 layer (9 q / 3 kv heads, dim 64) | peak extra MiB | naive n x n fp32 MiB |")

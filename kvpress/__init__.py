@@ -12,7 +12,15 @@ from kvpress import hook as _hook
 from kvpress.cache import PrunedCache
 from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
-from kvpress.policy import AttentionRequest, CompositionError, EvictionPolicy, Policy, Selection, Signals, Wrapper
+from kvpress.policy import (
+    AttentionRequest,
+    CompositionError,
+    EvictionPolicy,
+    Policy,
+    Selection,
+    Signals,
+    Wrapper,
+)
 from kvpress.quant import KVQuant
 from kvpress.report import CacheReport, LayerReport
 

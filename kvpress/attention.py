@@ -22,11 +22,21 @@ import math
 import torch
 
 from kvpress.policy import AttentionRequest, Signals
+from kvpress.triton_kernels import use_triton
+from kvpress.triton_kernels.decode_attention import decode_attention
 
 # fp32 logits one query chunk may hold (4 MiB): small chunks stay in cache and skip more of the
 # causal triangle; measured faster than 16-64 MiB chunks on CPU (benchmarks/overhead.py).
 CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_ROWS = 16
+# backend of the fused decode step; tests set "triton" to run the kernel in Triton's CPU interpreter
+FUSED_DECODE_BACKEND = "auto"
+
+
+def fused_decode_fold(query: torch.Tensor) -> bool:
+    """Whether a decoding step runs the fused decode kernel, which folds the attention mass into the
+    running score in place (`triton_kernels/decode_attention.py`): on CUDA tensors with triton."""
+    return use_triton(query)
 
 
 def row_weights(num_rows: int, rows: int | None, decay: float, device) -> torch.Tensor:
@@ -69,11 +79,13 @@ def grouped_attention(
     zeros and add no mass on both paths.
     """
     if query.is_cuda and window is None:
-        from kvpress.triton_kernels import attention_signals, use_triton
+        from kvpress.triton_kernels import attention_signals
 
         if use_triton(query):
             return attention_signals(query, key, value, slot_valid, scaling=scaling, softcap=softcap,
                                      query_valid=query_valid, weights=weights, want_output=want_output)
+    if query.shape[2] == 1 and window is None and query_valid is None:
+        return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output)
     batch, q_heads, q_len, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
@@ -120,6 +132,26 @@ def grouped_attention(
     if want_output:
         output = (torch.cat(outputs, dim=3) * live[:, :, None, None, None]).reshape(batch, q_heads, q_len, -1)
         output = output.transpose(1, 2).to(query.dtype).contiguous()
+    return output, mass
+
+
+def _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output):
+    """`grouped_attention` for one query token: the same quantities in a dozen ops (the decoding step's
+    hot path on CPU); no causal limit applies, every valid slot is older than the query."""
+    batch, q_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    queries = query.float().view(batch, kv_heads, q_heads // kv_heads, dim)  # [B, Hkv, G, D]
+    logits = torch.matmul(queries, key.float().transpose(-1, -2)).mul_(scaling)  # [B, Hkv, G, S]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap).mul_(softcap)
+    logits.masked_fill_(~slot_valid[:, :, None, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1)
+    live = slot_valid.any(dim=-1)  # [B, Hkv]: False for a switched-off head
+    mass = probs.sum(dim=2).mul_(weights[0]).mul_(live[..., None]) if weights is not None else None
+    output = None
+    if want_output:
+        output = torch.matmul(probs, value.float()).mul_(live[..., None, None])  # [B, Hkv, G, Dv]
+        output = output.view(batch, 1, q_heads, -1).to(query.dtype)
     return output, mass
 
 
@@ -184,19 +216,28 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     # the model's mask describes the slots while they are the exact prefix it was built for (padding
     # included); after an eviction or a dropped slot, validity and positions come from the slots
     clean = slots.exact_prefix and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
-    if mask_has_structure(attention_mask, new_valid, q, window):
-        if not clean or request is not None:
-            raise ValueError(
-                f"layer {layer.layer_idx}: the attention mask carries structure beyond causal order and padding "
-                "(a custom 4-D mask or bidirectional blocks); PrunedCache can honour it only with the model's own "
-                "attention over a cache that has not evicted yet and a policy that needs no attention signal. "
-                "Use a causal mask, or PrunedCache(None) / an attention-free policy (knorm, streamingllm) here.")
+    if (not clean or request is not None) and mask_has_structure(attention_mask, new_valid, q, window):
+        raise ValueError(
+            f"layer {layer.layer_idx}: the attention mask carries structure beyond causal order and padding "
+            "(a custom 4-D mask or bidirectional blocks); PrunedCache can honour it only with the model's own "
+            "attention over a cache that has not evicted yet and a policy that needs no attention signal. "
+            "Use a causal mask, or PrunedCache(None) / an attention-free policy (knorm, streamingllm) here.")
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")
 
     mass = None
+    score_state = layer.score_state() if q == 1 and request is not None and request.accumulate else None
+    if score_state is not None and window is None and fused_decode_fold(query):
+        # the fused decode kernel folds this step's mass into the running score in place
+        weights = row_weights(1, request.rows, request.decay, key.device)
+        running = score_state.scores.contiguous()  # the kernel folds a dense buffer (a copy when capacity > used)
+        out, running = decode_attention(query, key, value, slots.valid, scaling=scaling, softcap=softcap,
+                                        weights=weights, scores=running, decay=request.decay,
+                                        backend=FUSED_DECODE_BACKEND)
+        score_state.scores = running
+        return (out, None), Signals(phase=phase, q=q, request=request, mass=None, output=out, folded=True)
     if clean and (request is None or (request.rows is not None and request.rows < q)):
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
         if request is not None:  # window rows only: recompute them, not the whole attention

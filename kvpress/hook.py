@@ -25,7 +25,7 @@ class Handoff:
     belongs to and the key tensor it returned. Only weak references: a forward that raises between
     `update` and attention leaves nothing alive in the thread-local."""
 
-    __slots__ = ("_cache", "forward", "_layer", "_key")
+    __slots__ = ("_cache", "_key", "_layer", "forward")
 
     def __init__(self, cache, forward: int, layer, key: torch.Tensor):
         self._cache, self._layer, self._key = weakref.ref(cache), weakref.ref(layer), weakref.ref(key)

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from kvpress import attention
-from kvpress import hook
+from kvpress import attention, hook
 from kvpress.eviction import after_attention, make_room
 from kvpress.policy import DECODE, PREFILL
 from kvpress.report import LayerReport
@@ -94,7 +93,6 @@ class PrunedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.slots = SlotStore(key_states, value_states)
         self.dtype = key_states.dtype
-        policy = self.cache.policy
         for depth, member in enumerate(self.cache.chain):
             state = member.new_layer_state(self)
             if state is not None:

@@ -57,13 +57,15 @@ class AttentionRequest:
 @dataclass(frozen=True)
 class Signals:
     """What one forward of a layer measured: `mass [B, Hkv, S]` fp32 as the request asked (None when
-    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`."""
+    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`.
+    `folded`: the fused decode kernel already folded the mass into the layer's `ScoreState`."""
 
     phase: str
     q: int
     request: AttentionRequest | None
     mass: torch.Tensor | None
     output: torch.Tensor
+    folded: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,9 +225,28 @@ class EvictionPolicy:
         scores = self.score(layer).float()
         return top_k_selection(scores, eligible, self.protected(layer) & eligible, counts, kept)
 
+    def drops_one_at_most(self, layer: PrunedLayer) -> bool:
+        """Whether this decoding step can push a (row, head) at most one slot over its count: one token
+        came since the last eviction, and the counts never shrink nor exclude slots (the uniform budget,
+        a scaled one, or a cross-layer allocation). Policies that redistribute counts or restrict
+        eligibility (PyramidKV, AdaKV, SpAtten) override `keep_counts` or `eligible`, so they rank."""
+        own = type(self)
+        uniform = own.keep_counts is EvictionPolicy.keep_counts and own.eligible is EvictionPolicy.eligible
+        return uniform and layer.tokens_since_eviction == 1
+
     def keep_mask(self, layer: PrunedLayer) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the slots `select` would keep, as a mask over the slots in place. No
-        host sync and no data movement: the decoding step's eviction."""
+        host sync and no data movement: the decoding step's eviction. When at most one slot per (row,
+        head) can be over, the lowest-ranked one goes (`argmin`: the earliest of equal scores, as
+        `select` keeps the later); otherwise every slot is ranked."""
+        if self.drops_one_at_most(layer):
+            valid = layer.valid
+            big = torch.finfo(torch.float32).max
+            scores = self.score(layer).float().clamp(-big / 2, big / 2)
+            ranked = torch.where(valid, torch.where(self.protected(layer), big / 2, scores), big)
+            victim = ranked.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+            over = valid.sum(-1, keepdim=True) > self.keep_counts(layer)[..., None]
+            return valid & ~torch.zeros_like(valid).scatter_(-1, victim, over)
         eligible = self.eligible(layer)
         ranked = rank_for_selection(self.score(layer).float(), eligible, self.protected(layer) & eligible)
         order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)
@@ -265,7 +286,7 @@ class Policy(EvictionPolicy):
         return state.scores if state is not None else None
 
     def update(self, layer, signals: Signals) -> None:
-        if signals.mass is None:
+        if signals.mass is None or signals.folded:
             return
         state = layer.state(self)
         request = signals.request
@@ -359,6 +380,11 @@ class Wrapper(EvictionPolicy):
 
     def slot_bound(self, layer):
         return self.inner.slot_bound(layer)
+
+    def drops_one_at_most(self, layer):
+        own = type(self)
+        uniform = own.keep_counts is Wrapper.keep_counts and own.eligible is Wrapper.eligible
+        return uniform and self.inner.drops_one_at_most(layer)
 
     def eligible(self, layer):
         return self.inner.eligible(layer)

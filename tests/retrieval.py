@@ -7,11 +7,10 @@ the text, so a policy that evicts the fact cannot answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pydoc_data.topics import topics
-
 import copy
 import math
+from dataclasses import dataclass
+from pydoc_data.topics import topics
 
 import torch
 

@@ -85,3 +85,40 @@ def test_ops_per_decoding_step_against_dynamic_cache(model, capsys):
         assert ops > baseline  # eviction is work: a count below the baseline means nothing ran
     with capsys.disabled():
         print("\n" + "\n".join(rows))
+
+
+@pytest.mark.parametrize("name", ["h2o", "a2sf"])  # H2O adds, A2SF decays then adds
+def test_fused_decode_kernel_folds_the_score_the_cache_uses(model, name, monkeypatch):
+    """On CUDA the decoding step's attention and score update are one kernel launch. Here the kernel
+    runs in Triton's CPU interpreter; its tokens and running scores equal the unfused path's."""
+    from kvpress import attention
+
+    ids = random_ids(1, 30, seed=4)
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    plain = PrunedCache(make_policy(name, 12))
+    reference = model.generate(ids, cache=plain, **settings)
+    calls = []
+    monkeypatch.setattr(attention, "fused_decode_fold", lambda query: calls.append(1) or True)
+    monkeypatch.setattr(attention, "FUSED_DECODE_BACKEND", "triton")
+    fused = PrunedCache(make_policy(name, 12))
+    assert torch.equal(model.generate(ids, cache=fused, **settings), reference)
+    assert calls  # the fused path ran
+    for a, b in zip(plain.layers, fused.layers):
+        torch.testing.assert_close(a.scores[a.valid], b.scores[b.valid], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["h2o", "knorm", "streamingllm", "random", "tova"])
+def test_one_victim_per_step_equals_ranking_every_slot(model, name, monkeypatch):
+    """At slack 0 a decoding step pushes a (row, head) at most one slot over its count, so the cache
+    drops the `argmin` instead of ranking every slot; the kept slots must be the same."""
+    ids, mask = left_pad([random_ids(1, 40, seed=1)[0], random_ids(1, 29, seed=2)[0]])
+    settings = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    fast = PrunedCache(make_policy(name, 12))
+    out_fast = model.generate(ids, cache=fast, **settings)
+    from kvpress.policy import EvictionPolicy
+
+    monkeypatch.setattr(EvictionPolicy, "drops_one_at_most", lambda self, layer: False)
+    ranked = PrunedCache(make_policy(name, 12))
+    assert torch.equal(model.generate(ids, cache=ranked, **settings), out_fast)
+    for a, b in zip(fast.layers, ranked.layers):
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.positions[a.valid], b.positions[b.valid])

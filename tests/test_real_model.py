@@ -29,6 +29,16 @@ RECORDED = {  # answered out of 3
     "a2sf@0.2": 0, "vatp(h2o)@0.2": 0, "caote(h2o)@0.2": 0, "graphkv(snapkv)@0.2": 2,
     "pyramidkv(snapkv)@0.2": 2, "adakv(snapkv)@0.2": 2, "spatten@0.2": 0,
 }
+RECORDED_NLL = {  # mean NLL per token of the fact, teacher-forced (nats)
+    "full": 2.927, "h2o@0.5": 6.132, "snapkv@0.5": 3.221, "tova@0.5": 4.482, "knorm@0.5": 5.560,
+    "streamingllm@0.5": 6.215, "random@0.5": 5.266, "a2sf@0.5": 4.961, "vatp(h2o)@0.5": 6.127,
+    "caote(h2o)@0.5": 6.022, "graphkv(snapkv)@0.5": 3.036, "pyramidkv(snapkv)@0.5": 3.396,
+    "adakv(snapkv)@0.5": 3.104, "spatten@0.5": 8.128, "h2o@0.2": 6.101, "snapkv@0.2": 3.284,
+    "tova@0.2": 5.955, "knorm@0.2": 7.480, "streamingllm@0.2": 6.271, "random@0.2": 8.656,
+    "a2sf@0.2": 5.331, "vatp(h2o)@0.2": 6.138, "caote(h2o)@0.2": 6.178, "graphkv(snapkv)@0.2": 3.949,
+    "pyramidkv(snapkv)@0.2": 3.281, "adakv(snapkv)@0.2": 3.279, "spatten@0.2": 8.396,
+}
+NLL_MARGIN = 0.25  # nats; two runs of the command agreed within 0.001
 CONFIGS = policy_configs()
 
 
