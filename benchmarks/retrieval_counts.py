@@ -4,6 +4,9 @@ and the mean negative log-likelihood of the fact's tokens teacher-forced after t
 recorded in tests/test_real_model.py come from this command:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_counts.py [--shard i/n]
+
+`--policies 'snapkv;kvcompose'` runs those spec names at budgets 0.5 and 0.2 (plus the full cache)
+instead of the recorded configurations (policies measured here but not recorded by the test).
 """
 
 import argparse
@@ -22,9 +25,17 @@ from kvpress.spec import build_cache, parse_spec
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th configuration starting at i")
-    index, count = map(int, parser.parse_args().shard.split("/"))
+    parser.add_argument("--policies", default=None, help="semicolon-separated spec names to run instead")
+    args = parser.parse_args()
+    index, count = map(int, args.shard.split("/"))
+    configs = policy_configs()
+    if args.policies is not None:
+        configs = {"full": "full"}
+        for budget in (0.5, 0.2):
+            configs.update({f"{name}@{budget}": f"{name}{',' if ':' in name else ':'}budget={budget}"
+                            for name in args.policies.split(";")})
     model, tokenizer = load_model("smollm2")
-    for position, (name, spec_text) in enumerate(policy_configs().items()):
+    for position, (name, spec_text) in enumerate(configs.items()):
         if position % count != index:
             continue
         start = time.perf_counter()

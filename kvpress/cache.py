@@ -8,6 +8,8 @@ a pure description that many caches can share.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
@@ -178,5 +180,13 @@ class PrunedCache(Cache):
         return False
 
     def report(self) -> CacheReport:
-        """Per-layer tokens seen, slots kept, bytes held and evictions; totals and kept/seen ratio."""
-        return CacheReport([_layer_report(i, layer) for i, layer in enumerate(self.layers)])
+        """Per-layer tokens seen, slots kept, bytes held and evictions; totals and kept/seen ratio. A policy
+        of the chain that evicts whole blocks (one with `block_size_of(layer)`, PagedEviction) adds the
+        block size of each pruned layer, so the report also counts the blocks held."""
+        rows = [_layer_report(i, layer) for i, layer in enumerate(self.layers)]
+        paged = next((member for member in self.chain if hasattr(member, "block_size_of")), None)
+        if paged is not None:
+            rows = [replace(row, block_size=paged.block_size_of(layer))
+                    if isinstance(layer, PrunedLayer) and layer.is_initialized else row
+                    for row, layer in zip(rows, self.layers)]
+        return CacheReport(rows)

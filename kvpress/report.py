@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 class LayerReport:
     """One layer: `seen` tokens given (logical length, padding included), `kept` slots held per KV head,
     `bytes` allocated for keys, values and slot metadata, `evictions` compactions run, `pruned` whether
-    the policy manages this layer (sliding-window layers are left to transformers)."""
+    the policy manages this layer (sliding-window layers are left to transformers), `block_size` the
+    slots per block of a block-wise policy (PagedEviction; None otherwise), so `blocks` is the number
+    of pages a paged engine would hold for it."""
 
     layer: int
     seen: int
@@ -17,6 +19,12 @@ class LayerReport:
     bytes: int
     evictions: int
     pruned: bool = True
+    block_size: int | None = None
+
+    @property
+    def blocks(self) -> int | None:
+        """Blocks held per KV head (the newest one may be partly filled); None without blocks."""
+        return None if self.block_size is None else -(-self.kept // self.block_size)
 
 
 @dataclass(frozen=True)
@@ -39,9 +47,14 @@ class CacheReport:
         return sum(row.kept for row in self.layers) / len(self.layers) if self.layers else 0.0
 
     def __str__(self) -> str:
-        lines = [f"{'layer':>5} {'seen':>8} {'kept':>8} {'bytes':>12} {'evictions':>9}"]
+        paged = any(row.block_size is not None for row in self.layers)
+        lines = [f"{'layer':>5} {'seen':>8} {'kept':>8} {'bytes':>12} {'evictions':>9}"
+                 + (f" {'blocks':>6} {'block':>5}" if paged else "")]
         for row in self.layers:
             tag = "" if row.pruned else "  (not pruned)"
-            lines.append(f"{row.layer:>5} {row.seen:>8} {row.kept:>8} {row.bytes:>12,} {row.evictions:>9}{tag}")
+            blocks = ""
+            if paged:
+                blocks = f" {row.blocks:>6} {row.block_size:>5}" if row.block_size is not None else f" {'-':>6} {'-':>5}"
+            lines.append(f"{row.layer:>5} {row.seen:>8} {row.kept:>8} {row.bytes:>12,} {row.evictions:>9}{blocks}{tag}")
         lines.append(f"total bytes {self.total_bytes:,}; kept/seen {self.ratio:.3f}")
         return "\n".join(lines)

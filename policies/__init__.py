@@ -7,6 +7,8 @@ from kvpress.policies.caote import CAOTE
 from kvpress.policies.graphkv import GraphKV
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import Knorm
+from kvpress.policies.kvcompose import KVCompose
+from kvpress.policies.paged_eviction import PagedEviction
 from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policies.random_policy import RandomPolicy
@@ -31,6 +33,8 @@ REGISTRY = {
     "spatten": SpAtten,
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
+    "kvcompose": KVCompose,
+    "pagedeviction": PagedEviction,
 }
 
 __all__ = [
@@ -42,7 +46,9 @@ __all__ = [
     "VATP",
     "AdaKV",
     "GraphKV",
+    "KVCompose",
     "Knorm",
+    "PagedEviction",
     "PyramidKV",
     "QuantizedPruning",
     "RandomPolicy",

@@ -49,9 +49,13 @@ class GraphKV(Wrapper):
 
     def refuse(self, inner):
         from kvpress.policies.adakv import AdaKV
+        from kvpress.policies.paged_eviction import PagedEviction
 
         if isinstance(inner, AdaKV):
             return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(graphkv(...))"
+        if isinstance(inner, PagedEviction):
+            return ("PagedEviction ranks whole blocks with the same scores in every KV head; a per-head score would "
+                    "split its blocks; use pagedeviction alone (its token_score chooses the norms)")
         return None
 
     def score(self, layer) -> torch.Tensor:

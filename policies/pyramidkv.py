@@ -34,6 +34,8 @@ class PyramidKV(Wrapper):
 
     def refuse(self, inner):
         from kvpress.policies.adakv import AdaKV
+        from kvpress.policies.kvcompose import KVCompose
+        from kvpress.policies.paged_eviction import PagedEviction
         from kvpress.policies.spatten import SpAtten
 
         if isinstance(inner, AdaKV):
@@ -42,6 +44,10 @@ class PyramidKV(Wrapper):
             return "PyramidKV appears twice; use one pyramidkv(...) with the beta you want"
         if isinstance(inner, SpAtten):
             return "SpAtten sets its own per-layer budgets (token_beta); use spatten alone"
+        if isinstance(inner, KVCompose):
+            return "KVCompose allocates the layers' budgets by one global ranking; use kvcompose alone"
+        if isinstance(inner, PagedEviction):
+            return "PagedEviction keeps one budget per layer and evicts whole blocks; use pagedeviction alone"
         return None
 
     def slot_bound(self, layer) -> int:

@@ -1,0 +1,173 @@
+"""PagedEviction: attention-free eviction of whole blocks (pages) of the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress.policy import DECODE, PREFILL, Policy, slots_for_budget
+from kvpress.state import State
+
+TOKEN_SCORES = ("v_over_k", "inverse_key", "value", "key_plus_value")
+EPSILON = 1e-6
+
+
+class PhaseState(State):
+    """The phase of the layer's last forward: a prompt (tokenwise selection) or a decoding step
+    (whole blocks). No tensor, so batch operations and device moves leave it as it is."""
+
+    def __init__(self) -> None:
+        self.phase = PREFILL
+
+
+@dataclass
+class PagedEviction(Policy):
+    """Block-wise eviction aligned with a paged KV cache, from key and value norms only.
+
+    Chitty-Venkata et al., "PagedEviction: Structured Block-wise KV Cache Pruning for Efficient Large
+    Language Model Inference", arXiv 2509.04377; reference code `krishnateja95/PagedEviction`
+    `modeling_llama.py`. Each layer's slots, in temporal order, form blocks of `block_size`; every
+    block but the newest is full.
+
+    Token score (`token_score`, fp32 norms, epsilon 1e-6), higher = keep: `"v_over_k"` `||v||_2 / ||k||_2`
+    (the paper as described in secondary sources), or the reference code's `"inverse_key"`
+    `1 / ||k||_2`, `"value"` `||v||_2`, `"key_plus_value"` `||k||_2 + ||v||_2`. It is averaged over
+    the KV heads, so every head keeps the same tokens; a block scores the mean of its tokens.
+    Prompt (a forward of several tokens): the first block and the newest (partial) block of the
+    prompt are kept, the other tokens ranked one by one, the best kept up to the budget; the kept
+    tokens then form the blocks. Decoding: whenever the cache evicts (every step at slack 0, every
+    `slack + 1` steps otherwise) and the layer holds more than its budget, it evicts the fewest whole
+    blocks that bring it back within the budget, the lowest-scoring first, never the first block nor
+    the newest, so at slack 0 the size stays in `[budget - block_size, budget]` between steps and no
+    block is left partly filled. With a budget that is a multiple of `block_size`, that is one block
+    each time the newest block fills and the next token arrives. `oldest_blocks` is the reference's "local" variant:
+    only the `oldest_blocks` blocks after the first may be evicted (None: any block, "global").
+    Sinks and window, if given, protect the whole blocks that hold those tokens.
+
+    Attention-free: `request()` is None, so no attention signal is ever computed. State: only the
+    phase of the last forward; block scores are recomputed from the stored keys and values when the
+    layer evicts (they never change, so this equals the reference's per-block score list).
+    A budget of fewer than four blocks would leave no block to evict besides the first and the newest,
+    or swing the size by more than a quarter of the budget: such a layer uses blocks of `budget // 4`
+    slots (at least 1), so the budget still holds [our choice]. Defaults: block size 16
+    (vLLM's page size), budget 0.2 [our choice; the paper's budgets are unverified].
+    """
+
+    budget: int | float = 0.2
+    block_size: int = 16
+    token_score: str = "v_over_k"
+    oldest_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"PagedEviction: block_size must be an int >= 1 (slots per block), got {size!r}")
+        if self.token_score not in TOKEN_SCORES:
+            raise ValueError(f"PagedEviction: token_score must be one of {TOKEN_SCORES}, got {self.token_score!r}")
+        oldest = self.oldest_blocks
+        if oldest is not None and (isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 1):
+            raise ValueError(f"PagedEviction: oldest_blocks must be None (any block) or an int >= 1, got {oldest!r}")
+
+    # ---- state: the phase of the last forward ----
+    def new_layer_state(self, layer) -> PhaseState:
+        return PhaseState()
+
+    def raw_scores(self, layer) -> None:
+        return None  # attention-free
+
+    def update(self, layer, signals) -> None:
+        layer.state(self).phase = signals.phase
+
+    def decoding(self, layer) -> bool:
+        return layer.state(self).phase == DECODE
+
+    # ---- blocks ----
+    def blocks_of(self, layer) -> torch.Tensor:
+        """`[B]` slots per block in `layer`: `block_size`, or a quarter of the budget (at least 1) when
+        the budget holds fewer than four blocks."""
+        budget = layer.budget
+        if isinstance(budget, int):
+            return torch.full_like(layer.real_seen, min(self.block_size, max(1, budget // 4)))
+        return (slots_for_budget(budget, layer.real_seen) // 4).clamp(min=1, max=self.block_size)
+
+    def block_size_of(self, layer) -> int:
+        """The block size `layer` uses (the largest over the batch rows), for `PrunedCache.report()`."""
+        return int(self.blocks_of(layer).max())
+
+    def block_index(self, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(block [B, P], held [B], size [B])`: each slot's block (rank among the row's valid slots,
+        in temporal order, divided by the block size; `P` for an invalid slot), the valid slots of
+        each row and the block size. Every head holds the same tokens, so head 0 describes the row."""
+        valid = layer.valid[:, 0]  # [B, P]
+        size = self.blocks_of(layer)
+        rank = valid.long().cumsum(-1) - 1
+        block = torch.where(valid, rank // size[:, None], valid.shape[-1])
+        return block, valid.sum(-1), size
+
+    def token_scores(self, layer) -> torch.Tensor:
+        """`[B, P]` fp32: the token score averaged over the KV heads (0 on invalid slots)."""
+        keys = layer.keys.float().norm(dim=-1)  # [B, Hkv, P]
+        values = layer.values.float().norm(dim=-1)
+        if self.token_score == "v_over_k":
+            per_head = values / (keys + EPSILON)
+        elif self.token_score == "inverse_key":
+            per_head = 1.0 / (keys + EPSILON)
+        elif self.token_score == "value":
+            per_head = values
+        else:
+            per_head = keys + values
+        valid = layer.valid
+        return per_head.masked_fill(~valid, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+
+    def block_scores(self, layer) -> torch.Tensor:
+        """`[B, P]` fp32: each slot carries the mean token score of its block."""
+        block, _, _ = self.block_index(layer)
+        tokens = self.token_scores(layer)
+        slots = block.shape[-1]
+        total = tokens.new_zeros(block.shape[0], slots + 1).scatter_add_(1, block, tokens)
+        count = tokens.new_zeros(block.shape[0], slots + 1).scatter_add_(1, block, torch.ones_like(tokens))
+        return (total / count.clamp(min=1)).gather(1, block)
+
+    # ---- the selection hooks ----
+    def score(self, layer) -> torch.Tensor:
+        per_slot = self.block_scores(layer) if self.decoding(layer) else self.token_scores(layer)
+        return per_slot[:, None].expand_as(layer.valid)
+
+    def protected(self, layer) -> torch.Tensor:
+        """Prompt: the first block and the prompt's newest (partial) block, by real position. Decoding:
+        the first and the newest block of the layer, every block outside the `oldest_blocks` after the
+        first, and any block holding a sink or window token."""
+        tokens = super().protected(layer)  # [B, Hkv, P] sinks and window
+        size = self.blocks_of(layer)[:, None, None]  # [B, 1, 1]
+        if not self.decoding(layer):
+            seen = layer.real_seen[:, None, None]
+            newest_start = (seen - 1) // size * size
+            pos = layer.positions
+            return tokens | (layer.valid & ((pos < size) | (pos >= newest_start)))
+        block, held, _ = self.block_index(layer)  # [B, P], [B]
+        newest = (held - 1) // size[:, 0, 0]  # [B]
+        keep = (block == 0) | (block >= newest[:, None])
+        if self.oldest_blocks is not None:
+            keep |= block > self.oldest_blocks
+        holds_protected = torch.zeros(block.shape[0], block.shape[1] + 1, device=block.device)
+        holds_protected.scatter_add_(1, block, tokens.any(1).float())
+        keep |= holds_protected.gather(1, block) > 0
+        return layer.valid & keep[:, None]
+
+    def keep_counts(self, layer) -> torch.Tensor:
+        """Prompt: the budget. Decoding: what remains after evicting the fewest whole blocks that bring
+        the layer within its budget."""
+        budget = super().keep_counts(layer)  # [B, Hkv]
+        if not self.decoding(layer):
+            return budget
+        held = layer.valid.sum(-1)  # [B, Hkv]
+        size = self.blocks_of(layer)[:, None]
+        excess = (held - budget).clamp(min=0)
+        blocks = (excess + size - 1) // size
+        return held - blocks * size
+
+    def over_budget(self, layer, counts, slack) -> bool:
+        budget = super().keep_counts(layer)
+        return bool((layer.valid.sum(-1) > budget + slack).any())
