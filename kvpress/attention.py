@@ -205,4 +205,5 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
                                       query_valid=new_valid, weights=weights, positions=slots.positions,
                                       window=window)
         output = (out, None)
-    return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0])
+    return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0], query=query,
+                           module=module)

@@ -57,13 +57,18 @@ class AttentionRequest:
 @dataclass(frozen=True)
 class Signals:
     """What one forward of a layer measured: `mass [B, Hkv, S]` fp32 as the request asked (None when
-    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`."""
+    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`;
+    `query [B, Hq, q, D]` the forward's queries as the attention function received them (RoPE applied)
+    and `module` the model's attention module (config, head_dim, scaling), for policies that score
+    with the queries themselves (ExpectedAttention, KVzip)."""
 
     phase: str
     q: int
     request: AttentionRequest | None
     mass: torch.Tensor | None
     output: torch.Tensor
+    query: torch.Tensor | None = None
+    module: torch.nn.Module | None = None
 
 
 @dataclass(frozen=True)
