@@ -4,6 +4,7 @@
 from kvpress.policies.a2sf import A2SF
 from kvpress.policies.adakv import AdaKV
 from kvpress.policies.caote import CAOTE
+from kvpress.policies.expected_attention import ExpectedAttention
 from kvpress.policies.graphkv import GraphKV
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import Knorm
@@ -31,6 +32,7 @@ REGISTRY = {
     "spatten": SpAtten,
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
+    "expectedattention": ExpectedAttention,
 }
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "TOVA",
     "VATP",
     "AdaKV",
+    "ExpectedAttention",
     "GraphKV",
     "Knorm",
     "PyramidKV",
