@@ -12,6 +12,7 @@ from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policies.random_policy import RandomPolicy
 from kvpress.policies.snapkv import SnapKV
+from kvpress.policies.span import Span
 from kvpress.policies.spatten import SpAtten
 from kvpress.policies.streaming_llm import StreamingLLM
 from kvpress.policies.tova import TOVA
@@ -33,6 +34,7 @@ REGISTRY = {
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
     "expectedattention": ExpectedAttention,
+    "span": Span,
 }
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "QuantizedPruning",
     "RandomPolicy",
     "SnapKV",
+    "Span",
     "SpAtten",
     "StreamingLLM",
 ]
