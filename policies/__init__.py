@@ -8,6 +8,7 @@ from kvpress.policies.expected_attention import ExpectedAttention
 from kvpress.policies.graphkv import GraphKV
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import Knorm
+from kvpress.policies.kvzip import KVzip, ReconstructionPrompt, kvzip_prefill
 from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policies.random_policy import RandomPolicy
@@ -35,6 +36,7 @@ REGISTRY = {
     "adakv": AdaKV,
     "expectedattention": ExpectedAttention,
     "span": Span,
+    "kvzip": KVzip,
 }
 
 __all__ = [
@@ -47,12 +49,15 @@ __all__ = [
     "AdaKV",
     "ExpectedAttention",
     "GraphKV",
+    "KVzip",
     "Knorm",
     "PyramidKV",
     "QuantizedPruning",
     "RandomPolicy",
+    "ReconstructionPrompt",
     "SnapKV",
     "Span",
     "SpAtten",
     "StreamingLLM",
+    "kvzip_prefill",
 ]
