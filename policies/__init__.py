@@ -56,8 +56,8 @@ __all__ = [
     "RandomPolicy",
     "ReconstructionPrompt",
     "SnapKV",
-    "Span",
     "SpAtten",
+    "Span",
     "StreamingLLM",
     "kvzip_prefill",
 ]

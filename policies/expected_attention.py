@@ -84,7 +84,7 @@ class ExpectedAttention(Policy):
         rotation = average_rotation(layer.real_seen, self.future, *state.rope, mean.shape[-1])  # [B, D, D]
         mean = torch.einsum("bde,bhe->bhd", rotation, mean)
         keys = layer.keys.float()  # [B, Hkv, P, D]
-        batch, kv_heads, slots, dim = keys.shape
+        batch, kv_heads, _, dim = keys.shape
         group = mean.shape[1] // kv_heads
         scale = state.scaling
         logits = torch.einsum("bhgd,bhpd->bhgp", mean.view(batch, kv_heads, group, dim), keys) * scale

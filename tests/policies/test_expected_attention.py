@@ -6,10 +6,10 @@ import importlib
 import pytest
 import torch
 from policy_helpers import token_ids
+from tiny_models import tiny_model
 
 from kvpress import PrunedCache
 from kvpress.policies import ExpectedAttention
-from tiny_models import tiny_model
 
 FAMILY_MODULES = {"llama": "llama", "gemma3": "gemma3", "qwen3": "qwen3"}
 

@@ -5,12 +5,12 @@ import copy
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model
 from transformers import DynamicCache
 from transformers.models.llama import modeling_llama
 
 from kvpress import PrunedCache
 from kvpress.policies import KVzip, ReconstructionPrompt, kvzip_prefill
-from tiny_models import random_ids, tiny_model
 
 PROMPT = ReconstructionPrompt(first=[5, 6, 7], later=[8, 9], reply=[10, 11])
 
