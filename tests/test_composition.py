@@ -11,7 +11,7 @@ from registry_policies import generate, make_policy
 from tiny_models import left_pad, random_ids, tiny_model
 
 from kvpress import CompositionError, PrunedCache
-from kvpress.policies import H2O, REGISTRY, TOVA, AdaKV, PyramidKV, QuantizedPruning, SnapKV
+from kvpress.policies import REGISTRY, H2O, AdaKV, PyramidKV, QuantizedPruning, SnapKV, TOVA
 from kvpress.policy import Wrapper
 from kvpress.spec import parse_spec
 
