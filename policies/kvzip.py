@@ -34,9 +34,9 @@ class KVzip(Policy):
     (the cross-layer stage): `allocation="global"` keeps the top `budget` share of all (layer, head,
     slot) scores of a row, so layers and heads keep different counts (the paper's default,
     non-uniform); `"layer"` gives each layer its uniform budget, shared by its heads (NVIDIA kvpress's
-    `layerwise`). After reconstruction every later forward (a question, decoding steps) raises a slot's
-    score to the largest attention its queries give it, so decode-time eviction ranks new tokens on the
-    same scale [our choice]. Defaults as NVIDIA kvpress's KVzipPress: 4 sinks kept, chunks of 2048
+    `layerwise`). Tokens that come after the reconstructed prompt (a question, generated tokens) rank
+    above every prompt slot, among themselves by `1 +` the largest attention they receive, so
+    decode-time eviction takes the prompt's least reconstructed slots first [our choice]. Defaults as NVIDIA kvpress's KVzipPress: 4 sinks kept, chunks of 2048
     (the authors' code: 2000), overlap 8. State per layer: `scores [B, Hkv, P]` (the max attention).
     """
 
@@ -78,7 +78,11 @@ class KVzip(Policy):
         received = max_attention(signals.query, layer.keys, layer.valid, scaling, softcap, allowed)
         if state.chunk is not None:
             received = received * torch.cat([allowed, allowed.new_zeros(*allowed.shape[:2], signals.q)], dim=-1)
-        state.scores = torch.maximum(state.scores, received)
+            state.scores = torch.maximum(state.scores, received)
+            return
+        # after reconstruction: the context keeps its scores; later tokens rank above it, by attention
+        late = layer.positions >= state.prompt_tokens[:, None, None]  # [B, Hkv, P]
+        state.scores = torch.where(late, torch.maximum(state.scores, 1.0 + received), state.scores)
 
     def score(self, layer) -> torch.Tensor:
         return layer.state(self).scores
@@ -153,11 +157,13 @@ def max_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, 
 class ReconstructionScores(ScoreState):
     """KVzip's per-layer state: `scores [B, Hkv, P]` (largest attention received), `chunk` the position
     range `[start, stop)` a reconstruction forward is repeating (None otherwise), `reconstructed` once
-    `kvzip_prefill` scored the prompt."""
+    `kvzip_prefill` scored the prompt, `prompt_tokens [B]` the real tokens it scored."""
 
     chunk: tuple[int, int] | None = None
     reconstructed: bool = False
+    prompt_tokens: torch.Tensor | None = None
     slot_fields: ClassVar[tuple[str, ...]] = ("scores",)
+    row_fields: ClassVar[tuple[str, ...]] = ("prompt_tokens",)
 
 
 @dataclass(frozen=True)
@@ -239,5 +245,6 @@ def kvzip_prefill(model, input_ids: torch.Tensor, cache, tokenizer=None, *, atte
                 state.scores[row] = torch.maximum(state.scores[row], scored)
     for layer in layers:
         layer.states[depth].reconstructed = True
+        layer.states[depth].prompt_tokens = layer.real_seen.clone()
     cache.end_prefill()
     return logits

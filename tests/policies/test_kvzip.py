@@ -138,3 +138,20 @@ def test_a_cache_without_reconstruction_raises_at_its_first_decoding_step():
 def test_bad_hyperparameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         KVzip(**{field: value})
+
+
+@torch.no_grad()
+def test_tokens_after_the_prompt_outrank_it_while_decoding():
+    model = tiny_model("llama", "eager")
+    cache = PrunedCache(KVzip(budget=0.3, sinks=2, chunk_size=16))
+    kvzip_prefill(model, random_ids(1, 40, seed=10), cache, prompt=PROMPT)
+    before = [layer.positions.clone() for layer in cache.layers]
+    for token in range(6):
+        model(torch.tensor([[20 + token]]), cache=cache, use_cache=True)
+    for layer, prompt_positions in zip(cache.layers, before):
+        for head in range(layer.num_heads):
+            kept = set(layer.positions[0, head][layer.valid[0, head]].tolist())
+            assert set(range(40, 46)) <= kept  # every generated token
+            assert kept - set(range(40, 46)) < set(prompt_positions[0, head].tolist())  # prompt slots only shrink
+    # heads keep what the global allocation gave them plus the budget's growth: 12 -> 13 slots on average
+    assert sum(int(layer.valid.sum()) for layer in cache.layers) == len(cache.layers) * 2 * 13
