@@ -3,8 +3,10 @@ decode-time eviction and prefill-only compression, on prompts of 1.5k-2k tokens 
 
 Tasks, each on `--prompts` prompts (12 by default) built from `pydoc_data.topics` (the Python language
 reference that ships with CPython), about `--doc-tokens` tokens of text each, chat-formatted:
-- passkey: "The pass key is NNNNN." (a random 5-digit key) at a random depth; answered if the greedy
-  answer (12 tokens) contains the key;
+- passkey: "The secret passcode is NNNNN." (a random 5-digit key) at a random depth, then the question
+  (the wording of `tests/retrieval.py`; SmolLM2 answers the "pass key" wording of
+  `benchmarks/policies.py` with an explanation of Python's `pass` at this length, 0 of 4 with the full
+  cache); answered if the greedy answer (12 tokens) contains the key;
 - needle: a one-sentence fact (a made-up name) at a random depth, then a question; answered if the
   greedy answer (12 tokens) contains the name;
 - agreement: "Summarize ..." a document; the full cache's greedy summary (48 tokens) is fed token by
@@ -103,10 +105,9 @@ def build_tasks(tokenizer, prompts: int, doc_tokens: int) -> dict[str, list[tupl
     tasks = {"passkey": [], "needle": [], "agreement": []}
     for i, names in enumerate(documents(tokenizer, prompts, doc_tokens, seed=1)):
         key = f"{rng.randrange(10000, 100000)}"
-        text = real_text(names, tokenizer, doc_tokens, f"The pass key is {key}. Remember it. {key} is the pass key.",
-                         rng.uniform(0.1, 0.9))
-        content = ("There is a pass key hidden in the following text. Find it and remember it.\n\n" + text
-                   + "\n\nWhat is the pass key? The pass key is")
+        text = real_text(names, tokenizer, doc_tokens, f"The secret passcode is {key}.", rng.uniform(0.1, 0.9))
+        content = (f"Read the document and answer the question.\n\n{text}\n\nQuestion: What is the secret "
+                   "passcode? Answer in a few words.")
         tasks["passkey"].append((chat(tokenizer, content), key))
     for i, names in enumerate(documents(tokenizer, prompts, doc_tokens, seed=2)):
         name = NAMES[i % len(NAMES)]
