@@ -48,15 +48,16 @@ def naive_scores(model, ids, chunk_size, overlap, sinks, calls) -> list[torch.Te
             queries, keys = calls[layer][0], cache.layers[layer].keys[0].double()  # [Hq, q, D], [Hkv, T + q, D]
             group = queries.shape[0] // keys.shape[0]
             columns = [s for s in range(length) if s < sinks or start <= s < stop]
+            scaling = model.model.layers[0].self_attn.scaling
             for head in range(queries.shape[0]):
                 k = keys[head // group]
                 for row in range(q):
                     visible = columns + list(range(length, length + row + 1))
-                    probs = torch.softmax(queries[head, row] @ k[visible].T * model.model.layers[0].self_attn.scaling,
-                                          dim=-1)
-                    for j, s in enumerate(visible[:len(columns)]):
-                        if start <= s < stop:
-                            scores[layer][head // group, s] = max(scores[layer][head // group, s], probs[j])
+                    probs = torch.softmax(queries[head, row] @ k[visible].T * scaling, dim=-1)[:len(columns)]
+                    chunk = torch.tensor(columns)
+                    inside = (chunk >= start) & (chunk < stop)
+                    best = scores[layer][head // group]
+                    best[chunk[inside]] = torch.maximum(best[chunk[inside]], probs[inside])
     return scores
 
 
