@@ -21,6 +21,7 @@ time relative to a plain prefill is printed.
 
     OMP_NUM_THREADS=1 python benchmarks/quality.py [--quick] [--workers 2] [--shard 0/2] [--policies h2o,tova]
     python benchmarks/quality.py --report results.jsonl [more.jsonl ...]
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --quick --kvzip-cost
 
 Results are appended per (policy, budget) to `--out` (JSONL, a rerun skips what is there); the table is
 printed from every JSONL given to `--report` (or the one just written).
@@ -216,6 +217,27 @@ def references(model, tokenizer, tasks) -> list[list[int]]:
     return out
 
 
+@torch.no_grad()
+def kvzip_cost(model, tokenizer, tasks, budget: float = 0.2) -> list[str]:
+    """Seconds of a plain prefill (`PrunedCache(None)`) and of `kvzip_prefill`, back to back on the
+    first prompt of each task (one untimed warm-up), and their ratio."""
+    from kvpress import PrunedCache
+    from kvpress.policies import KVzip, kvzip_prefill
+
+    lines = ["| prompt | tokens | plain prefill s | kvzip_prefill s | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+    model(tasks["passkey"][0][0][:, :64], cache=PrunedCache(None))
+    for task, items in tasks.items():
+        ids = items[0][0]
+        began = time.time()
+        model(ids, cache=PrunedCache(None), use_cache=True, logits_to_keep=1)
+        plain = time.time() - began
+        began = time.time()
+        kvzip_prefill(model, ids, PrunedCache(KVzip(budget=budget)), tokenizer)
+        zipped = time.time() - began
+        lines.append(f"| {task} 0 | {ids.shape[1]} | {plain:.1f} | {zipped:.1f} | {zipped / plain:.2f}x |")
+    return lines
+
+
 def table(rows: list[dict]) -> list[str]:
     """One markdown table: a row per policy, columns per budget, mode and task (counts out of the number
     of prompts, agreement as a mean share)."""
@@ -268,6 +290,8 @@ def main() -> None:
     parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "quality.jsonl"))
     parser.add_argument("--report", nargs="*", help="print the table of these JSONL files and exit")
+    parser.add_argument("--kvzip-cost", action="store_true",
+                        help="time kvzip_prefill against a plain prefill (first prompt of each task) and exit")
     args = parser.parse_args()
     if args.report is not None:
         print("\n".join(table(read_rows(args.report or [args.out]))))
@@ -283,6 +307,9 @@ def main() -> None:
     jobs = [job for i, job in enumerate(jobs) if i % shards == shard and job not in done]
     model, tokenizer = load_model("smollm2")
     tasks = build_tasks(tokenizer, prompts, args.doc_tokens)
+    if args.kvzip_cost:
+        print("\n".join(kvzip_cost(model, tokenizer, tasks)))
+        return
     lengths = [ids.shape[1] for items in tasks.values() for ids, _ in items]
     print(f"{prompts} prompts per task, {min(lengths)}-{max(lengths)} tokens; {len(jobs)} jobs", flush=True)
     saved = Path(args.out).with_suffix(f".references-{prompts}x{args.doc_tokens}.json")
