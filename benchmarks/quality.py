@@ -125,7 +125,8 @@ def build_tasks(tokenizer, prompts: int, doc_tokens: int) -> dict[str, list[tupl
 
 
 def spec_of(name: str, budget: float) -> str:
-    return f"{name}:budget={budget}{EXTRA_PARAMS.get(name, '')}"
+    """`name` may carry parameters of its own: `expectedattention:window=32`."""
+    return f"{name}{',' if ':' in name else ':'}budget={budget}{EXTRA_PARAMS.get(name, '')}"
 
 
 @torch.no_grad()
