@@ -237,7 +237,8 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
                                         weights=weights, scores=running, decay=request.decay,
                                         backend=FUSED_DECODE_BACKEND)
         score_state.scores = running
-        return (out, None), Signals(phase=phase, q=q, request=request, mass=None, output=out, folded=True)
+        return (out, None), Signals(phase=phase, q=q, request=request, mass=None, output=out, query=query,
+                                    module=module, folded=True)
     if clean and (request is None or (request.rows is not None and request.rows < q)):
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
         if request is not None:  # window rows only: recompute them, not the whole attention
@@ -255,4 +256,5 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
                                       query_valid=new_valid, weights=weights, positions=slots.positions,
                                       window=window)
         output = (out, None)
-    return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0])
+    return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0], query=query,
+                           module=module)

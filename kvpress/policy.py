@@ -57,14 +57,19 @@ class AttentionRequest:
 @dataclass(frozen=True)
 class Signals:
     """What one forward of a layer measured: `mass [B, Hkv, S]` fp32 as the request asked (None when
-    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`.
-    `folded`: the fused decode kernel already folded the mass into the layer's `ScoreState`."""
+    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`;
+    `query [B, Hq, q, D]` the forward's queries as the attention function received them (RoPE applied)
+    and `module` the model's attention module (config, head_dim, scaling), for policies that score
+    with the queries themselves (ExpectedAttention, KVzip). `folded`: the fused decode kernel already
+    folded the mass into the layer's `ScoreState`."""
 
     phase: str
     q: int
     request: AttentionRequest | None
     mass: torch.Tensor | None
     output: torch.Tensor
+    query: torch.Tensor | None = None
+    module: torch.nn.Module | None = None
     folded: bool = False
 
 

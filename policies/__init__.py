@@ -4,15 +4,18 @@
 from kvpress.policies.a2sf import A2SF
 from kvpress.policies.adakv import AdaKV
 from kvpress.policies.caote import CAOTE
+from kvpress.policies.expected_attention import ExpectedAttention
 from kvpress.policies.graphkv import GraphKV
 from kvpress.policies.h2o import H2O
 from kvpress.policies.knorm import Knorm
 from kvpress.policies.kvcompose import KVCompose
 from kvpress.policies.paged_eviction import PagedEviction
+from kvpress.policies.kvzip import KVzip, ReconstructionPrompt, kvzip_prefill
 from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policies.random_policy import RandomPolicy
 from kvpress.policies.snapkv import SnapKV
+from kvpress.policies.span import Span
 from kvpress.policies.spatten import SpAtten
 from kvpress.policies.streaming_llm import StreamingLLM
 from kvpress.policies.tova import TOVA
@@ -35,6 +38,9 @@ REGISTRY = {
     "adakv": AdaKV,
     "kvcompose": KVCompose,
     "pagedeviction": PagedEviction,
+    "expectedattention": ExpectedAttention,
+    "span": Span,
+    "kvzip": KVzip,
 }
 
 __all__ = [
@@ -45,14 +51,19 @@ __all__ = [
     "TOVA",
     "VATP",
     "AdaKV",
+    "ExpectedAttention",
     "GraphKV",
     "KVCompose",
+    "KVzip",
     "Knorm",
     "PagedEviction",
     "PyramidKV",
     "QuantizedPruning",
     "RandomPolicy",
+    "ReconstructionPrompt",
     "SnapKV",
     "SpAtten",
+    "Span",
     "StreamingLLM",
+    "kvzip_prefill",
 ]

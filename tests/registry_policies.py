@@ -3,7 +3,7 @@ is covered by the tests that use this helper without editing them."""
 
 from __future__ import annotations
 
-from kvpress.policies import REGISTRY, SnapKV, SpAtten
+from kvpress.policies import REGISTRY, KVzip, ReconstructionPrompt, SnapKV, SpAtten, kvzip_prefill
 from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policy import Wrapper
 
@@ -25,3 +25,29 @@ def make_policy(name: str, budget, *, never_evicts: bool = False):
     if "window" in cls.__dataclass_fields__:
         fields["window"] = 2
     return cls(**fields)
+
+
+# KVzip's scores need extra forwards of the model (context reconstruction): a prompt reaches its cache
+# through `kvzip_prefill`, with this request for the tiny random-vocabulary models.
+RECONSTRUCTION = ReconstructionPrompt(first=[5, 6, 7], later=[8, 9], reply=[10, 11])
+
+
+def needs_reconstruction(cache) -> bool:
+    return any(isinstance(policy, KVzip) for policy in getattr(cache, "chain", ()))
+
+
+def prefill(model, ids, cache, attention_mask=None):
+    """Logits `[B, T, V]` of the prompt `ids`, prefilled into `cache` as its policy requires."""
+    if needs_reconstruction(cache):
+        return kvzip_prefill(model, ids, cache, attention_mask=attention_mask, prompt=RECONSTRUCTION)
+    return model(ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits
+
+
+def generate(model, ids, cache, attention_mask=None, **settings):
+    """`model.generate` into `cache`; a KVzip chain first gets all but the last prompt token through
+    `prefill` (copied for each beam), and generate continues from there."""
+    if needs_reconstruction(cache):
+        prefill(model, ids[:, :-1], cache, None if attention_mask is None else attention_mask[:, :-1])
+        if settings.get("num_beams", 1) > 1:  # generate expands the prompt for beams, not a filled cache
+            cache.batch_repeat_interleave(settings["num_beams"])
+    return model.generate(ids, attention_mask=attention_mask, cache=cache, **settings)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from registry_policies import make_policy
+from registry_policies import generate, make_policy
 from tiny_models import left_pad, random_ids, tiny_model
 
 from kvpress import CompositionError, PrunedCache
@@ -49,7 +49,7 @@ def test_every_pair_runs_or_is_refused_with_the_order_that_works(model, wrapper,
         return
     ids, mask = left_pad([random_ids(1, 30, seed=1)[0], random_ids(1, 24, seed=2)[0]])
     cache = PrunedCache(policy)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache=cache, pad_token_id=0)
+    out = generate(model, ids, cache, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 35)
     for layer in cache.layers:  # every row evicted
         assert bool((layer.valid.sum(-1) < layer.real_seen[:, None]).all())

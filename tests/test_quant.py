@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from registry_policies import generate
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvpress import KVQuant, PrunedCache
@@ -204,8 +205,7 @@ def test_every_registered_policy_runs_with_4_bit_storage():
                 policy = cls(budget=20, window=4, sinks=2)
             quant = KVQuant(bits=4, group_size=8, residual=4)
             cache = PrunedCache(policy, quantization=quant)
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=cache,
-                                 pad_token_id=0)
+            out = generate(model, ids, cache, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
             assert out.shape == (2, 52), name
             heads = cache.layers[0].num_heads
             # slots per KV head: the budget, or what QuantizedPruning's memory holds at 4 bits

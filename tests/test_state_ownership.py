@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from registry_policies import make_policy
+from registry_policies import generate, make_policy, prefill
 from tiny_models import random_ids, tiny_model
 from transformers import DynamicCache
 
@@ -25,7 +25,7 @@ def model():
 def greedy(model, ids, cache, steps, swap_at=None):
     """Greedy tokens `[B, steps]` fed one at a time; at step `swap_at` the two rows of the batch and of
     the cache are swapped (`reorder_cache([1, 0])`), and the returned rows are swapped back."""
-    logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
+    logits = prefill(model, ids, cache)[:, -1]
     tokens = []
     for step in range(steps):
         token = logits.argmax(-1, keepdim=True)
@@ -65,7 +65,7 @@ def test_one_policy_object_serves_two_caches_in_alternation(model, name):
     prompts = [random_ids(1, 32, seed=6), random_ids(1, 28, seed=7)]
     alone = [greedy(model, ids, PrunedCache(policy), 6) for ids in prompts]
     caches = [PrunedCache(policy), PrunedCache(policy)]
-    logits = [model(ids, cache=cache, use_cache=True).logits[:, -1] for ids, cache in zip(prompts, caches)]
+    logits = [prefill(model, ids, cache)[:, -1] for ids, cache in zip(prompts, caches)]
     tokens = [[], []]
     for _ in range(6):
         for row in (0, 1):  # one step of each cache in turn
@@ -82,10 +82,10 @@ def test_beam_search_runs_and_equals_dynamic_cache_when_nothing_is_evicted(model
     ids = random_ids(1, 24, seed=8)
     settings = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
     reference = model.generate(ids, cache=DynamicCache(config=model.config), **settings)
-    out = model.generate(ids, cache=PrunedCache(make_policy(name, 1.0, never_evicts=True)), **settings)
+    out = generate(model, ids, PrunedCache(make_policy(name, 1.0, never_evicts=True)), **settings)
     assert torch.equal(out, reference)
     evicting = PrunedCache(make_policy(name, 12))
-    out = model.generate(ids, cache=evicting, **settings)
+    out = generate(model, ids, evicting, **settings)
     assert out.shape == reference.shape
     assert all(layer.valid.sum(-1).max() < layer.seen for layer in evicting.layers)
 

@@ -1,0 +1,250 @@
+"""KVzip: query-agnostic scores from the attention the model pays to the context while repeating it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvpress.policy import Policy, slots_for_budget
+from kvpress.state import ScoreState
+
+ROW_CHUNK = 256  # query rows per block when recomputing attention probabilities
+
+
+@dataclass
+class KVzip(Policy):
+    """Score each slot by the largest attention it receives while the model reconstructs the context,
+    then keep the top slots across layers and heads.
+
+    Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
+    arXiv 2505.23416. After the prompt is prefilled, the model is fed a repeat request followed by the
+    prompt itself ("Repeat the previous context exactly." + the chat template's reply prefix + the
+    context), teacher-forced, in chunks of `chunk_size` tokens (later chunks start with the last
+    `overlap` tokens of the previous one), so memory stays linear. A slot's score is the maximum, over
+    the chunk's query rows and the query heads of its KV group, of its softmax attention probability,
+    the softmax taken over the sinks, the chunk's own slots and the repeated tokens (the reference's
+    subsampling). The repeated tokens are then dropped. Scores do not depend on any question, so one
+    compressed cache serves every later question.
+
+    Run it with `kvzip_prefill(model, input_ids, cache, tokenizer)`; a cache that reaches its first
+    decoding step without a reconstruction raises. Selection runs once every layer has been scored
+    (the cross-layer stage): `allocation="global"` keeps the top `budget` share of all (layer, head,
+    slot) scores of a row, so layers and heads keep different counts (the paper's default,
+    non-uniform); `"layer"` gives each layer its uniform budget, shared by its heads (NVIDIA kvpress's
+    `layerwise`). Tokens that come after the reconstructed prompt (a question, generated tokens) rank
+    above every prompt slot, among themselves by `1 +` the largest attention they receive, so
+    decode-time eviction takes the prompt's least reconstructed slots first [our choice]. Defaults as NVIDIA kvpress's KVzipPress: 4 sinks kept, chunks of 2048
+    (the authors' code: 2000), overlap 8. State per layer: `scores [B, Hkv, P]` (the max attention).
+    """
+
+    budget: int | float = 0.25
+    sinks: int = 4
+    allocation: str = "global"
+    chunk_size: int = 2048
+    overlap: int = 8
+    allocates_across_layers: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation not in ("global", "layer"):
+            raise ValueError(f"KVzip: allocation must be 'global' or 'layer', got {self.allocation!r}")
+        for name, low in (("chunk_size", 1), ("overlap", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"KVzip: {name} must be an int >= {low}, got {value!r}")
+        if self.overlap >= self.chunk_size:
+            raise ValueError(f"KVzip: overlap ({self.overlap}) must be smaller than chunk_size ({self.chunk_size})")
+
+    def new_layer_state(self, layer) -> ReconstructionScores:
+        return ReconstructionScores(torch.zeros(layer.batch, layer.num_heads, 0, device=layer.device))
+
+    def update(self, layer, signals) -> None:
+        state = layer.state(self)
+        if state.chunk is None and not state.reconstructed:
+            return  # the prompt's own forward: its slots are scored by the reconstruction
+        if signals.query is None:
+            raise ValueError("KVzip needs the forward's queries (Signals.query)")
+        allowed = None
+        if state.chunk is not None:  # a reconstruction forward: sinks, the chunk, the repeated tokens
+            start, stop = state.chunk
+            old = layer.positions[..., :layer.num_slots - signals.q]  # [B, Hkv, P - q]
+            allowed = (old < self.sinks) | ((old >= start) & (old < stop))
+        module = signals.module
+        softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+        scaling = float(getattr(module, "scaling", signals.query.shape[-1] ** -0.5))
+        received = max_attention(signals.query, layer.keys, layer.valid, scaling, softcap, allowed)
+        if state.chunk is not None:
+            received = received * torch.cat([allowed, allowed.new_zeros(*allowed.shape[:2], signals.q)], dim=-1)
+            state.scores = torch.maximum(state.scores, received)
+            return
+        # after reconstruction: the context keeps its scores; later tokens rank above it, by attention
+        late = layer.positions >= state.prompt_tokens[:, None, None]  # [B, Hkv, P]
+        state.scores = torch.where(late, torch.maximum(state.scores, 1.0 + received), state.scores)
+
+    def score(self, layer) -> torch.Tensor:
+        return layer.state(self).scores
+
+    def allocate(self, layers) -> list[torch.Tensor]:
+        if not all(layer.state(self).reconstructed for layer in layers):
+            raise ValueError(
+                "KVzip scores slots by context reconstruction, which needs extra forwards of the model: prefill "
+                "with kvpress.policies.kvzip_prefill(model, input_ids, cache, tokenizer) instead of a plain "
+                "forward or generate() on an empty cache (docs/policies.md, KVzip).")
+        uniform = [slots_for_budget(layer.budget, layer.real_seen)[:, None].expand(-1, layer.num_heads)
+                   for layer in layers]  # [B, Hkv] each
+        groups = [list(range(len(layers)))] if self.allocation == "global" else [[i] for i in range(len(layers))]
+        counts = [None] * len(layers)
+        for group in groups:
+            for index, chosen in zip(group, top_share([layers[i] for i in group], [uniform[i] for i in group],
+                                                     self)):
+                counts[index] = chosen
+        return counts
+
+
+def top_share(layers, uniform, policy) -> list[torch.Tensor]:
+    """Per layer `[B, Hkv]` counts: each row keeps, over all heads of `layers`, the sum of `uniform` slots,
+    protected slots first, then the highest scores (one ranking across the layers and heads)."""
+    protected = [policy.protected(layer) & layer.valid for layer in layers]
+    candidates = [layer.valid & ~p for layer, p in zip(layers, protected)]
+    scores = torch.cat([torch.where(c, policy.score(layer).float(), float("-inf")).flatten(1)
+                        for layer, c in zip(layers, candidates)], dim=1)  # [B, N]
+    room = sum(u.sum(-1) for u in uniform) - sum(p.sum((1, 2)) for p in protected)  # [B]
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    chosen = (rank < room[:, None]) & torch.isfinite(scores)  # [B, N]
+    counts, offset = [], 0
+    for layer, p in zip(layers, protected):
+        size = p.shape[1] * p.shape[2]
+        picked = chosen[:, offset:offset + size].view_as(p)
+        counts.append(picked.sum(-1) + p.sum(-1))
+        offset += size
+    return counts
+
+
+def max_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
+                  softcap: float | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, Hkv, P]` fp32: the largest softmax probability each slot gets from the `q` new queries
+    (`query [B, Hq, q, D]`, the last `q` slots of `keys [B, Hkv, P, D]`), over rows and the query heads
+    of its KV group. Row `i` sees the valid older slots (those in `allowed [B, Hkv, P - q]` when given)
+    and the new slots up to its own; rows of invalid (padding) new slots count for nothing."""
+    batch, q_heads, q, dim = query.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    queries = query.float().view(batch, kv_heads, group, q, dim)
+    keys = keys.float()
+    older = valid[..., :slots - q] if allowed is None else valid[..., :slots - q] & allowed
+    best = torch.zeros(batch, kv_heads, slots, device=keys.device)
+    new_index = torch.arange(q, device=keys.device)
+    for start in range(0, q, ROW_CHUNK):
+        stop = min(q, start + ROW_CHUNK)
+        logits = torch.einsum("bhgqd,bhpd->bhgqp", queries[:, :, :, start:stop], keys) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        causal = new_index[None, :] <= new_index[start:stop, None]  # [c, q]
+        visible = torch.cat([older[:, :, None, :].expand(-1, -1, stop - start, -1),
+                             causal[None, None] & valid[:, :, None, slots - q:]], dim=-1)  # [B, Hkv, c, P]
+        probs = torch.softmax(logits.masked_fill(~visible[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = probs * valid[:, :, None, slots - q + start:slots - q + stop, None]  # padding rows
+        best = torch.maximum(best, probs.amax(dim=(2, 3)))
+    return best
+
+
+@dataclass(eq=False)
+class ReconstructionScores(ScoreState):
+    """KVzip's per-layer state: `scores [B, Hkv, P]` (largest attention received), `chunk` the position
+    range `[start, stop)` a reconstruction forward is repeating (None otherwise), `reconstructed` once
+    `kvzip_prefill` scored the prompt, `prompt_tokens [B]` the real tokens it scored."""
+
+    chunk: tuple[int, int] | None = None
+    reconstructed: bool = False
+    prompt_tokens: torch.Tensor | None = None
+    slot_fields: ClassVar[tuple[str, ...]] = ("scores",)
+    row_fields: ClassVar[tuple[str, ...]] = ("prompt_tokens",)
+
+
+@dataclass(frozen=True)
+class ReconstructionPrompt:
+    """Token ids of KVzip's repeat request: `first` before the first chunk, `later` before later chunks
+    (followed by the previous chunk's last `overlap` tokens), then `reply` (the chat template's turn
+    change up to the assistant's reply)."""
+
+    first: list[int]
+    later: list[int]
+    reply: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> ReconstructionPrompt:
+        """The authors' wording, and the reply prefix of the tokenizer's chat template ("\\n" without one)."""
+
+        def encode(text):
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        reply = "\n"
+        if getattr(tokenizer, "chat_template", None):
+            marker = "\n" + "#" * 13
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "dummy context" + marker}],
+                                                 add_generation_prompt=True, tokenize=False)
+            reply = text.split(marker, 1)[1]
+        return cls(first=encode("\n\nRepeat the previous context exactly."),
+                   later=encode("\n\nRepeat the part of the previous context exactly, starting with"),
+                   reply=encode(reply))
+
+
+@torch.no_grad()
+def kvzip_prefill(model, input_ids: torch.Tensor, cache, tokenizer=None, *, attention_mask=None,
+                  prompt: ReconstructionPrompt | None = None) -> torch.Tensor:
+    """Prefill `input_ids [B, T]` into `cache` (a `PrunedCache` whose chain holds `KVzip`), score its
+    slots by context reconstruction, and compress. Returns the prefill's logits `[B, T, V]`.
+
+    The repeat request comes from `tokenizer` (or `prompt`). Each row is reconstructed alone, chunk by
+    chunk, on a copy of the prefilled cache, so the repeated tokens never enter `cache`; the prompt's
+    real tokens are the context (left padding is skipped). Cost: one plain prefill, plus per row a
+    forward over about `T + T/chunk_size * len(request)` tokens attending the cache (the reconstruction),
+    plus the copies. To continue with `generate`, prefill all but the last prompt token, then pass the
+    full ids: `kvzip_prefill(model, ids[:, :-1], cache, tok); model.generate(ids, cache=cache, ...)`.
+    """
+    from kvpress.cache import PrunedCache
+
+    policy = next((p for p in getattr(cache, "chain", ()) if isinstance(p, KVzip)), None)
+    if not isinstance(cache, PrunedCache) or policy is None:
+        raise ValueError("kvzip_prefill needs a PrunedCache whose policy chain holds KVzip")
+    if prompt is None:
+        if tokenizer is None:
+            raise ValueError("kvzip_prefill needs the tokenizer (or a ReconstructionPrompt) for the repeat request")
+        prompt = ReconstructionPrompt.from_tokenizer(tokenizer)
+    depth = cache.depth_of(policy)
+    positions = None
+    if attention_mask is not None:  # as generate does: real tokens count from 0 in every row
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + int(cache.get_seq_length())
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                   use_cache=True).logits
+    layers = cache.pruned_layers()
+    real = input_ids.shape[1] if attention_mask is None else attention_mask.sum(-1)
+    real = torch.as_tensor(real).expand(input_ids.shape[0])
+    for row in range(input_ids.shape[0]):
+        context = input_ids[row, input_ids.shape[1] - int(real[row]):]  # the row's real tokens
+        first_position = int(layers[0].real_seen[row]) - context.shape[0]
+        for start in range(0, context.shape[0], policy.chunk_size):
+            stop = min(context.shape[0], start + policy.chunk_size)
+            request = prompt.first if start == 0 else prompt.later + context[start - policy.overlap:start].tolist()
+            repeat = torch.cat([torch.tensor(request + prompt.reply, dtype=torch.long), context[start:stop].cpu()])
+            scratch = copy.deepcopy(cache)
+            scratch.batch_select_indices(torch.tensor([row]))
+            for layer in scratch.pruned_layers():
+                layer.states[depth].chunk = (first_position + start, first_position + stop)
+            seen = int(scratch.pruned_layers()[0].real_seen[0])
+            positions = torch.arange(seen, seen + repeat.shape[0])[None].to(input_ids.device)
+            model(repeat[None].to(input_ids.device), cache=scratch, use_cache=True, position_ids=positions,
+                  logits_to_keep=1)
+            for layer, copied in zip(layers, scratch.pruned_layers()):
+                state, scored = layer.states[depth], copied.states[depth].scores[0, :, :layer.num_slots]
+                state.scores[row] = torch.maximum(state.scores[row], scored)
+    for layer in layers:
+        layer.states[depth].reconstructed = True
+        layer.states[depth].prompt_tokens = layer.real_seen.clone()
+    cache.end_prefill()
+    return logits

@@ -1,0 +1,63 @@
+"""Span: smooth any policy's scores over neighbouring slots, so a kept token brings its span."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvpress.policy import Wrapper
+
+
+@dataclass
+class Span(Wrapper):
+    """Pool the inner policy's scores over the `kernel` neighbouring slots of each slot (stride 1, same
+    length; "max" or "avg" over the valid slots of the window) before top-k, so that the pieces of a
+    number or a name survive together: a passkey split into single-digit tokens is kept whole when one
+    of its digits scores high, instead of losing the digits that score low.
+
+    The smoothing is SnapKV's pooling (Li et al., "SnapKV: LLM Knows What You are Looking for Before
+    Generation", arXiv 2404.14469: kernel 7, max pooling in its LongBench setting, the defaults here),
+    offered for any scorer [our choice]: `span(h2o)`, `span(tova)`, `span(a2sf)`. Neighbours are
+    neighbouring slots, which after an eviction are the nearest kept positions. Invalid slots (padding,
+    evicted holes) never lend their score. No state of its own.
+    """
+
+    kernel: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"Span: kernel must be an odd int >= 1 (slots pooled), got {self.kernel!r}")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"Span: pooling must be 'max' or 'avg', got {self.pooling!r}")
+
+    def refuse(self, inner):
+        from kvpress.policies.adakv import AdaKV
+
+        if isinstance(inner, AdaKV):
+            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(span(...))"
+        return None
+
+    def score(self, layer) -> torch.Tensor:
+        return pool_valid(self.inner.score(layer).float(), layer.valid, self.kernel, self.pooling)
+
+
+def pool_valid(scores: torch.Tensor, valid: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    """1-D pooling of `scores [B, H, P]` along the slots over valid slots only; invalid slots keep
+    their own score (selection ignores them)."""
+    if kernel == 1:
+        return scores
+    shape, pad = scores.shape, kernel // 2
+    if pooling == "max":
+        hidden = scores.masked_fill(~valid, float("-inf")).reshape(-1, 1, shape[-1])
+        pooled = F.max_pool1d(hidden, kernel, stride=1, padding=pad).reshape(shape)
+    else:
+        weights = valid.float().reshape(-1, 1, shape[-1])
+        total = F.avg_pool1d((scores.masked_fill(~valid, 0.0)).reshape(-1, 1, shape[-1]), kernel, 1, pad,
+                             count_include_pad=True)
+        count = F.avg_pool1d(weights, kernel, 1, pad, count_include_pad=True)
+        pooled = (total / count.clamp(min=1e-12)).reshape(shape)
+    return torch.where(valid, pooled, scores)

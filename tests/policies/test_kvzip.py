@@ -1,0 +1,158 @@
+"""KVzip against a naive reconstruction: transformers' own DynamicCache, queries recorded where the
+model rotates them, softmax over the reference's subsample of keys in float64, Python loops."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import random_ids, tiny_model
+from transformers import DynamicCache
+from transformers.models.llama import modeling_llama
+
+from kvpress import PrunedCache
+from kvpress.policies import KVzip, ReconstructionPrompt, kvzip_prefill
+
+PROMPT = ReconstructionPrompt(first=[5, 6, 7], later=[8, 9], reply=[10, 11])
+
+
+def record_queries(monkeypatch) -> list:
+    original = modeling_llama.apply_rotary_pos_emb
+    calls = []
+
+    def spy(q, k, cos, sin, *args, **kwargs):
+        q_rot, k_rot = original(q, k, cos, sin, *args, **kwargs)
+        calls.append(q_rot.detach().double())
+        return q_rot, k_rot
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", spy)
+    return calls
+
+
+@torch.no_grad()
+def naive_scores(model, ids, chunk_size, overlap, sinks, calls) -> list[torch.Tensor]:
+    """Per layer `[Hkv, T]`: max over rows and group of the softmax over sinks + chunk + repeated tokens."""
+    layers = model.config.num_hidden_layers
+    length = ids.shape[1]
+    full = DynamicCache()
+    model(ids, cache=full, use_cache=True)
+    scores = [torch.zeros(model.config.num_key_value_heads, length, dtype=torch.float64) for _ in range(layers)]
+    for start in range(0, length, chunk_size):
+        stop = min(length, start + chunk_size)
+        request = PROMPT.first if start == 0 else PROMPT.later + ids[0, start - overlap:start].tolist()
+        repeat = torch.tensor([request + PROMPT.reply + ids[0, start:stop].tolist()])
+        cache = copy.deepcopy(full)
+        calls.clear()
+        model(repeat, cache=cache, use_cache=True)
+        q = repeat.shape[1]
+        for layer in range(layers):
+            queries, keys = calls[layer][0], cache.layers[layer].keys[0].double()  # [Hq, q, D], [Hkv, T + q, D]
+            group = queries.shape[0] // keys.shape[0]
+            columns = [s for s in range(length) if s < sinks or start <= s < stop]
+            scaling = model.model.layers[0].self_attn.scaling
+            for head in range(queries.shape[0]):
+                k = keys[head // group]
+                for row in range(q):
+                    visible = columns + list(range(length, length + row + 1))
+                    probs = torch.softmax(queries[head, row] @ k[visible].T * scaling, dim=-1)[:len(columns)]
+                    chunk = torch.tensor(columns)
+                    inside = (chunk >= start) & (chunk < stop)
+                    best = scores[layer][head // group]
+                    best[chunk[inside]] = torch.maximum(best[chunk[inside]], probs[inside])
+    return scores
+
+
+@pytest.mark.parametrize("chunk_size,overlap", [(64, 0), (12, 3)])
+def test_scores_equal_the_max_attention_of_a_naive_reconstruction(monkeypatch, chunk_size, overlap):
+    model = tiny_model("llama", "eager")
+    ids = random_ids(1, 30, seed=5)
+    calls = record_queries(monkeypatch)
+    expected = naive_scores(model, ids, chunk_size, overlap, 2, calls)
+    policy = KVzip(budget=1.0, sinks=2, chunk_size=chunk_size, overlap=overlap)
+    cache = PrunedCache(policy)
+    kvzip_prefill(model, ids, cache, prompt=PROMPT)
+    for layer, reference in zip(cache.layers, expected):
+        assert layer.num_slots == 30  # the repeated tokens never enter the cache
+        torch.testing.assert_close(policy.score(layer)[0, :, 2:].double(), reference[:, 2:], rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_global_allocation_keeps_the_top_share_of_every_layer_and_head():
+    model = tiny_model("llama", "eager", num_hidden_layers=4)
+    ids = random_ids(1, 50, seed=6)
+    full = PrunedCache(KVzip(budget=1.0, sinks=2, chunk_size=20))
+    kvzip_prefill(model, ids, full, prompt=PROMPT)
+    everything = [(float(full.policy.score(layer)[0, h, s]), i, h, s) for i, layer in enumerate(full.layers)
+                  for h in range(layer.num_heads) for s in range(2, 50)]
+    room = 4 * 2 * 15 - 4 * 2 * 2  # every (layer, head) gets floor(0.3 * 50) = 15 slots in total, sinks inside
+    chosen = {(i, h, s) for _, i, h, s in sorted(everything, reverse=True)[:room]}
+    cache = PrunedCache(KVzip(budget=0.3, sinks=2, chunk_size=20))
+    kvzip_prefill(model, ids, cache, prompt=PROMPT)
+    counts = []
+    for i, layer in enumerate(cache.layers):
+        for h in range(layer.num_heads):
+            kept = sorted(layer.positions[0, h][layer.valid[0, h]].tolist())
+            assert kept == [0, 1] + sorted(s for (li, hi, s) in chosen if (li, hi) == (i, h))
+            counts.append(len(kept))
+    assert sum(counts) == 4 * 2 * 15 and len(set(counts)) > 1
+
+
+@torch.no_grad()
+def test_layer_allocation_keeps_each_layer_budget_and_decoding_keeps_it():
+    model = tiny_model("llama", "eager", num_hidden_layers=3)
+    cache = PrunedCache(KVzip(budget=12, sinks=2, allocation="layer", chunk_size=16, overlap=4))
+    logits = kvzip_prefill(model, random_ids(1, 40, seed=7), cache, prompt=PROMPT)
+    assert logits.shape == (1, 40, model.config.vocab_size)
+    for _ in range(4):
+        model(torch.tensor([[9]]), cache=cache, use_cache=True)
+        assert all(int(layer.valid.sum()) == 2 * 12 for layer in cache.layers)
+        assert all(layer.seen == 40 + _ + 1 for layer in cache.layers)
+
+
+@torch.no_grad()
+def test_a_padded_batch_equals_its_rows_alone():
+    model = tiny_model("llama", "eager")
+    rows = [random_ids(1, 30, seed=8)[0], random_ids(1, 22, seed=9)[0]]
+    from tiny_models import left_pad
+
+    ids, mask = left_pad(rows)
+    batch = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
+    kvzip_prefill(model, ids, batch, attention_mask=mask, prompt=PROMPT)
+    for index, row in enumerate(rows):
+        alone = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
+        kvzip_prefill(model, row[None], alone, prompt=PROMPT)
+        for layer, single in zip(batch.layers, alone.layers):
+            for head in range(layer.num_heads):
+                kept = layer.positions[index, head][layer.valid[index, head]].tolist()
+                assert sorted(kept) == sorted(single.positions[0, head][single.valid[0, head]].tolist())
+
+
+def test_a_cache_without_reconstruction_raises_at_its_first_decoding_step():
+    model = tiny_model("llama", "eager")
+    cache = PrunedCache(KVzip(budget=10))
+    with torch.no_grad():
+        model(random_ids(1, 20), cache=cache)
+        with pytest.raises(ValueError, match="kvzip_prefill"):
+            model(torch.tensor([[5]]), cache=cache)
+
+
+@pytest.mark.parametrize("field,value", [("allocation", "head"), ("chunk_size", 0), ("overlap", -1)])
+def test_bad_hyperparameters_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        KVzip(**{field: value})
+
+
+@torch.no_grad()
+def test_tokens_after_the_prompt_outrank_it_while_decoding():
+    model = tiny_model("llama", "eager")
+    cache = PrunedCache(KVzip(budget=0.3, sinks=2, chunk_size=16))
+    kvzip_prefill(model, random_ids(1, 40, seed=10), cache, prompt=PROMPT)
+    before = [layer.positions.clone() for layer in cache.layers]
+    for token in range(6):
+        model(torch.tensor([[20 + token]]), cache=cache, use_cache=True)
+    for layer, prompt_positions in zip(cache.layers, before):
+        for head in range(layer.num_heads):
+            kept = set(layer.positions[0, head][layer.valid[0, head]].tolist())
+            assert set(range(40, 46)) <= kept  # every generated token
+            assert kept - set(range(40, 46)) < set(prompt_positions[0, head].tolist())  # prompt slots only shrink
+    # heads keep what the global allocation gave them plus the budget's growth: 12 -> 13 slots on average
+    assert sum(int(layer.valid.sum()) for layer in cache.layers) == len(cache.layers) * 2 * 13
