@@ -175,6 +175,20 @@ def visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+def mask_hides_padding(mask: torch.Tensor, slot_valid: torch.Tensor, q: int) -> bool:
+    """Whether the model's mask hides every padding slot held before this forward (a forward fed
+    without the batch's padding mask, e.g. a continuation called by hand, does not). A host sync:
+    called for multi-token forwards over a padded cache only."""
+    older = slot_valid[..., :-q].any(dim=1)  # [B, P]: some head holds a real token there
+    if mask.dim() == 2:
+        shown = mask[:, :-q].bool()
+    else:
+        columns = mask[..., :-q]
+        shown = (columns.any(dim=-2) if columns.dtype == torch.bool
+                 else columns.amax(dim=-2) > torch.finfo(columns.dtype).min / 2).any(dim=1)
+    return not bool((shown & ~older).any())
+
+
 def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None, q: int,
                        window: int | None = None) -> bool:
     """Whether a 4-D model mask says more than causal order, padding and the layer's sliding window:
@@ -216,6 +230,8 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     # the model's mask describes the slots while they are the exact prefix it was built for (padding
     # included); after an eviction or a dropped slot, validity and positions come from the slots
     clean = slots.exact_prefix and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
+    if clean and slots.has_padding:  # the model's mask must know the padding the slots hold
+        clean = attention_mask is not None and (q == 1 or mask_hides_padding(attention_mask, slots.valid, q))
     if (not clean or request is not None) and mask_has_structure(attention_mask, new_valid, q, window):
         raise ValueError(
             f"layer {layer.layer_idx}: the attention mask carries structure beyond causal order and padding "

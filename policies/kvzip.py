@@ -153,17 +153,18 @@ def max_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, 
     return best
 
 
-@dataclass(eq=False)
 class ReconstructionScores(ScoreState):
     """KVzip's per-layer state: `scores [B, Hkv, P]` (largest attention received), `chunk` the position
     range `[start, stop)` a reconstruction forward is repeating (None otherwise), `reconstructed` once
     `kvzip_prefill` scored the prompt, `prompt_tokens [B]` the real tokens it scored."""
 
-    chunk: tuple[int, int] | None = None
-    reconstructed: bool = False
-    prompt_tokens: torch.Tensor | None = None
-    slot_fields: ClassVar[tuple[str, ...]] = ("scores",)
     row_fields: ClassVar[tuple[str, ...]] = ("prompt_tokens",)
+
+    def __init__(self, scores: torch.Tensor):
+        super().__init__(scores)
+        self.chunk: tuple[int, int] | None = None
+        self.reconstructed = False
+        self.prompt_tokens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

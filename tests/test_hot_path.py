@@ -9,7 +9,7 @@ compaction sizes its output from the device.
 
 import pytest
 import torch
-from registry_policies import make_policy
+from registry_policies import generate, make_policy, prefill
 from tiny_models import left_pad, random_ids, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
@@ -46,7 +46,7 @@ def model():
 def count_decode(model, cache, ids, mask, steps=6, warmup=2):
     """Prefill, `warmup` decoding steps (a cross-layer allocation runs at the first one), then count
     ops and syncs over `steps` decoding steps."""
-    logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+    logits = prefill(model, ids, cache, attention_mask=mask)[:, -1]
     counter = OpCounter()
     for step in range(warmup + steps):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -114,11 +114,11 @@ def test_one_victim_per_step_equals_ranking_every_slot(model, name, monkeypatch)
     ids, mask = left_pad([random_ids(1, 40, seed=1)[0], random_ids(1, 29, seed=2)[0]])
     settings = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     fast = PrunedCache(make_policy(name, 12))
-    out_fast = model.generate(ids, cache=fast, **settings)
+    out_fast = generate(model, ids, fast, **settings)
     from kvpress.policy import EvictionPolicy
 
     monkeypatch.setattr(EvictionPolicy, "drops_one_at_most", lambda self, layer: False)
     ranked = PrunedCache(make_policy(name, 12))
-    assert torch.equal(model.generate(ids, cache=ranked, **settings), out_fast)
+    assert torch.equal(generate(model, ids, ranked, **settings), out_fast)
     for a, b in zip(fast.layers, ranked.layers):
         assert torch.equal(a.valid, b.valid) and torch.equal(a.positions[a.valid], b.positions[b.valid])
