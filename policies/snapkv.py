@@ -47,19 +47,28 @@ class SnapKV(Policy):
 
 
 def pool_slots(scores: torch.Tensor, kernel: int, pooling: str, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """1-D pooling along the slot axis of `[B, H, S]` scores, same length out. With `valid`, slots that
-    hold no token (padding, slots dropped while decoding whose old score stays in place) take no part:
-    they add nothing to a max and are not counted in an average."""
+    """1-D pooling along the slot axis of `[B, H, S]` scores, same length out. With `valid`, the pool runs
+    over the neighbouring slots that hold a token, in slot (temporal) order: padding and slots dropped
+    in place while decoding (whose stale score stays in the buffer) are skipped, so the result does not
+    depend on whether dropped slots were squeezed out yet."""
     if kernel == 1:
         return scores
-    shape = scores.shape
-    if valid is not None:
-        scores = scores.masked_fill(~valid, 0.0 if pooling == "avg" else torch.finfo(scores.dtype).min)
-    flat = scores.reshape(-1, 1, shape[-1])
-    if pooling == "max":
-        return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(shape)
-    total = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
     if valid is None:
-        return total.reshape(shape)
-    share = F.avg_pool1d(valid.to(scores.dtype).reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
-    return (total / share.clamp_min(torch.finfo(scores.dtype).tiny)).reshape(shape)
+        return _pool(scores, kernel, pooling)
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # valid slots first, in order
+    packed_valid = valid.gather(-1, order)
+    packed = scores.gather(-1, order)
+    packed = packed.masked_fill(~packed_valid, 0.0 if pooling == "avg" else torch.finfo(scores.dtype).min)
+    pooled = _pool(packed, kernel, pooling)
+    if pooling == "avg":  # average over the valid neighbours only
+        pooled = pooled / _pool(packed_valid.to(scores.dtype), kernel, "avg").clamp_min(torch.finfo(scores.dtype).tiny)
+    return torch.empty_like(pooled).scatter_(-1, order, pooled)
+
+
+def _pool(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    if pooling == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(scores.shape)

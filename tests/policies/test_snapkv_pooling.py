@@ -1,5 +1,5 @@
-"""SnapKV's pooling takes only slots that hold a token: a slot dropped while decoding keeps its old
-score in place, and that score must not raise its neighbours'."""
+"""SnapKV's pooling runs over the neighbouring slots that hold a token: a slot dropped while decoding
+keeps its old score in place, and neither that score nor the hole itself may change the pool."""
 
 import pytest
 import torch
@@ -8,14 +8,17 @@ from kvpress.policies.snapkv import pool_slots
 
 
 def naive_pool(scores, valid, kernel, pooling):
+    """Pool each valid slot over the `kernel // 2` valid slots on either side (as if the holes were
+    squeezed out)."""
+    kept = [j for j in range(scores.shape[-1]) if valid[j]]
     out = torch.empty_like(scores)
-    for index in range(scores.shape[-1]):
-        window = range(max(0, index - kernel // 2), min(scores.shape[-1], index + kernel // 2 + 1))
-        values = [float(scores[j]) for j in window if valid[j]]
-        if not values:
-            out[index] = torch.finfo(scores.dtype).min if pooling == "max" else 0.0
+    for rank, index in enumerate(kept):
+        window = kept[max(0, rank - kernel // 2): rank + kernel // 2 + 1]
+        values = [float(scores[j]) for j in window]
+        if pooling == "max":
+            out[index] = max(values)
         else:
-            out[index] = max(values) if pooling == "max" else sum(values) / len(values)
+            out[index] = sum(values) / len(values)
     return out
 
 
