@@ -184,7 +184,7 @@ def storage_ratio(cache) -> float:
     for layer in cache.layers:
         if isinstance(layer, PrunedLayer):
             slot = layer.keys[0, 0, 0].nbytes + layer.values[0, 0, 0].nbytes
-            allocated += layer.slots._keys.nbytes + layer.slots._values.nbytes
+            allocated += layer.slots.kv_nbytes
             valid += int(layer.valid.sum()) * slot
     return allocated / valid
 

@@ -108,7 +108,7 @@ def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = 
                                      capacity=capacity)
     for state in layer.states.values():
         if state is score_state:
-            state._keep("scores", kept_scores)
+            state.keep_gathered("scores", kept_scores)
         else:
             state.gather_slots(index)
     if count:

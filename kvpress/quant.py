@@ -410,13 +410,9 @@ def kv_bytes(cache) -> int:
     `PrunedCache` and transformers caches."""
     total = 0
     for layer in getattr(cache, "layers", []):
-        store = getattr(layer, "store", None)
-        if store is not None:
-            total += store.nbytes
-            continue
         slots = getattr(layer, "slots", None)
-        if slots is not None:  # a PrunedLayer: its buffers, not only the slots in use
-            total += slots._keys.nbytes + slots._values.nbytes
+        if slots is not None:  # a PrunedLayer: its buffers (or quantized store), not only the slots in use
+            total += slots.kv_nbytes
             continue
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
             total += _tensor_bytes(getattr(layer, name, None))

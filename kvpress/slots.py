@@ -212,11 +212,16 @@ class SlotStore:
         self._keys, self._values = self._quantized_view
 
     @property
+    def kv_nbytes(self) -> int:
+        """Bytes allocated for keys and values: whole buffers (capacity included), or the quantized store."""
+        if self.quantized is not None:
+            return self.quantized.nbytes
+        return self._keys.nbytes + self._values.nbytes
+
+    @property
     def nbytes(self) -> int:
-        """Bytes allocated: whole buffers (capacity included), or the quantized store."""
+        """Bytes allocated: keys and values (`kv_nbytes`) plus slot metadata."""
         held = self._valid.nbytes + self._positions.nbytes + self.real_seen.nbytes
         if self.heads_off is not None:
             held += self.heads_off.nbytes
-        if self.quantized is not None:
-            return held + self.quantized.nbytes
-        return held + self._keys.nbytes + self._values.nbytes
+        return held + self.kv_nbytes

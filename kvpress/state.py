@@ -65,10 +65,11 @@ class State:
         for name in self.slot_fields:
             tensor = self._slot_view(name)
             expanded = index.view(*index.shape, *([1] * (tensor.dim() - 3))).expand(*index.shape, *tensor.shape[3:])
-            self._keep(name, tensor.gather(2, expanded))
+            self.keep_gathered(name, tensor.gather(2, expanded))
 
-    def _keep(self, name: str, kept: torch.Tensor) -> None:
-        """Write compacted slots into the front of the buffer (capacity is kept)."""
+    def keep_gathered(self, name: str, kept: torch.Tensor) -> None:
+        """Write the already gathered slots `kept` of field `name` into the front of its buffer (capacity
+        is kept); compaction calls it when one launch gathered the field with the keys and values."""
         buffer = self.__dict__["_buffer_" + name]
         width = kept.shape[2]
         if buffer.shape[2] >= width:
