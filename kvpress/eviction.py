@@ -7,7 +7,9 @@ gather, into storage sized for the decoding that follows. While decoding (one ne
 eviction makes no host sync and moves no data: every `slack + 1` steps (a host-side count) the policy
 ranks the slots and the ones it does not keep become holes (`SlotStore.drop`); the layer squeezes
 the holes out with one gather only when its storage is full (`make_room`). Quantized layers keep
-compacting at every eviction (their key groups span consecutive slots).
+compacting at every eviction (their key groups span consecutive slots). When the policy's heads keep
+different numbers of slots (`per_head_storage`), every compaction lays keys and values out per head
+(kvpress/ragged.py), sized at prefill from the counts kept and while decoding from host-side bounds.
 
 Across layers (policies with `allocates_across_layers`): at prefill every layer attends and folds its
 signals but keeps every slot; when the prompt has ended (the first decoding step, or an explicit
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpress.policy import DECODE, PREFILL, Selection, host_slots_for_budget, top_k_selection
+from kvpress.ragged import HeadRoom
 from kvpress.state import Allocation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,21 +78,44 @@ def room_after(layer: PrunedLayer, width: int) -> int:
     return width + layer.cache.slack + max(1, -(-width // 16))
 
 
+def head_room(layer: PrunedLayer) -> int:
+    """Rows per live KV head of per-head storage for the tokens of the next decoding steps: the slack and
+    about 1/16 of the uniform budget (`room_after`'s rule, per head)."""
+    if layer.cache.policy.exact_storage:
+        return 0
+    uniform = host_slots_for_budget(layer.budget, layer.seen)
+    return layer.cache.slack + max(1, -(-uniform // 16))
+
+
+def stores_per_head(layer: PrunedLayer) -> bool:
+    """Whether `layer` stores its keys and values per head (the policy's choice; never quantized ones)."""
+    policy = layer.cache.policy
+    return policy is not None and layer.slots.quantized is None and policy.per_head_storage(layer)
+
+
 def make_room(layer: PrunedLayer, q: int) -> None:
     """Before `q` new tokens are written: when the storage is full, squeeze the holes out (one gather,
-    sized by host-side bounds, no sync), then grow it geometrically if that is not enough."""
+    sized by host-side bounds, no sync), then grow it geometrically if that is not enough. Per-head
+    storage is laid out again instead, with room for the `q` tokens."""
     slots = layer.slots
     if slots.quantized is not None or slots.used + q <= slots.capacity:
         return
     policy = layer.cache.policy
     if not slots.exact_prefix and policy is not None:
         # each (row, head) held at most the policy's bound at the last eviction, plus what came since
-        bound = policy.slot_bound(layer) + layer.tokens_since_eviction
+        since = layer.tokens_since_eviction
+        bound = policy.slot_bound(layer) + since
         if layer.sliding_window is not None:
             bound = min(bound, layer.sliding_window - 1)
         width = min(slots.used, bound)
         # valid slots first, in slot (temporal) order; a host bound, so no sync
         order = torch.argsort((~slots.valid).to(torch.int8), dim=-1, stable=True)[..., :width]
+        if stores_per_head(layer):
+            live = slots.live_heads
+            kept = min(live * width, policy.row_bound(layer) + live * since)
+            plan = HeadRoom(room=max(head_room(layer), q), live=live, kept=kept)
+            compact(layer, Selection(indices=order, valid=slots.valid.gather(-1, order)), count=False, per_head=plan)
+            return
         index, _ = order.sort(dim=-1)
         compact(layer, Selection(indices=index, valid=slots.valid.gather(-1, index)), count=False)
     need = slots.used + q
@@ -99,13 +125,18 @@ def make_room(layer: PrunedLayer, q: int) -> None:
         slots.reserve(grow)
 
 
-def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = None, count: bool = True) -> None:
+def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = None, count: bool = True,
+            per_head: HeadRoom | None = None) -> None:
     """Keep `selection` in the slots and in every policy state of the layer (`count`: an eviction, not
-    only a squeeze of holes)."""
+    only a squeeze of holes). A layer stored per head is laid out per head again (`per_head` sizes it;
+    by default from the counts kept, a host sync)."""
+    if per_head is None and stores_per_head(layer):
+        selection = selection.valid_first()
+        per_head = HeadRoom(room=head_room(layer), live=layer.slots.live_heads)
     index = selection.indices
     score_state = layer.score_state()
     kept_scores = layer.slots.gather(index, selection.valid, score_state.scores if score_state else None,
-                                     capacity=capacity)
+                                     capacity=capacity, per_head=per_head)
     for state in layer.states.values():
         if state is score_state:
             state.keep_gathered("scores", kept_scores)

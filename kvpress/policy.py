@@ -76,10 +76,17 @@ class Signals:
 @dataclass(frozen=True)
 class Selection:
     """Slots to keep: `indices [B, Hkv, K]` sorted ascending (physical order stays temporal) and
-    `valid [B, Hkv, K]` (False where a row or head keeps fewer than K real tokens)."""
+    `valid [B, Hkv, K]` (False where a row or head keeps fewer than K real tokens). For per-head
+    storage the valid slots of each head come first, still in slot order (`valid_first`)."""
 
     indices: torch.Tensor
     valid: torch.Tensor
+
+    def valid_first(self) -> Selection:
+        """The same slots with each head's valid ones first (in slot order), the surplus after: the
+        order per-head storage lays them out in (kvpress/ragged.py)."""
+        order = torch.argsort((~self.valid).to(torch.int8), dim=-1, stable=True)
+        return Selection(indices=self.indices.gather(-1, order), valid=self.valid.gather(-1, order))
 
 
 def check_budget(owner: str, budget, sinks: int = 0, window: int = 0) -> None:
@@ -190,6 +197,20 @@ class EvictionPolicy:
         if layer.allocation is None:
             return uniform
         return min(layer.seen, layer.allocation.most + max(0, uniform - layer.allocation.uniform_most))
+
+    def protected_bound(self, layer: PrunedLayer) -> int:
+        """A host-side upper bound of the protected slots of one (row, head) of `layer`."""
+        return min(layer.seen, self.sinks + self.window)
+
+    def row_bound(self, layer: PrunedLayer) -> int:
+        """A host-side upper bound of the slots one batch row of `layer` keeps over all its KV heads
+        (sizes per-head storage without a sync). AdaKV, whose heads share the uniform total, lowers it."""
+        return layer.num_heads * self.slot_bound(layer)
+
+    def per_head_storage(self, layer: PrunedLayer) -> bool:
+        """Whether the KV heads of `layer` keep different numbers of slots, so that its keys and values
+        are stored per head (kvpress/ragged.py) rather than padded to the head that keeps most."""
+        return False
 
     def protected(self, layer: PrunedLayer) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the first `sinks` and last `window` real tokens."""
@@ -385,6 +406,15 @@ class Wrapper(EvictionPolicy):
 
     def slot_bound(self, layer):
         return self.inner.slot_bound(layer)
+
+    def row_bound(self, layer):
+        return self.inner.row_bound(layer)
+
+    def protected_bound(self, layer):
+        return self.inner.protected_bound(layer)
+
+    def per_head_storage(self, layer):
+        return self.inner.per_head_storage(layer)
 
     def drops_one_at_most(self, layer):
         own = type(self)

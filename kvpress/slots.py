@@ -9,7 +9,11 @@ pruning).
 
 Storage has capacity: the `P` slots in use are views of buffers of `capacity >= P` slots, so a new
 token is written in place, never by concatenating the layer. A slot dropped while decoding is only
-marked invalid (a hole); holes are squeezed out by one gather when the buffer is full. With quantized
+marked invalid (a hole); holes are squeezed out by one gather when the buffer is full.
+
+When the KV heads of a layer keep different numbers of slots (the policy's `per_head_storage`), a
+compaction lays keys and values out per head in a `RaggedStore` (kvpress/ragged.py): the bytes follow
+the slots each head keeps, and `keys`/`values` are a view gathered for the forward. With quantized
 storage the keys and values live in a `QuantizedStore` (kvpress/quant.py) and, between forwards,
 `keys`/`values` are shape-only `meta` placeholders.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from kvpress.quant import KVQuant, QuantizedStore
+from kvpress.ragged import HeadRoom, RaggedStore
 from kvpress.triton_kernels.compaction import compact_slots
 
 
@@ -44,6 +49,9 @@ class SlotStore:
         self.used = 0  # slots in use, a host-side count
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.heads_off: torch.Tensor | None = None
+        self.live_heads = heads  # host-side: KV heads not switched off in some row
+        self.ragged: RaggedStore | None = None
+        self._ragged_view: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered for the current forward
         self.quantized: QuantizedStore | None = None
         self._quantized_view: tuple[torch.Tensor, torch.Tensor] | None = None
         # host-side: the model's own mask describes the slots (no eviction yet, no hole)
@@ -57,13 +65,23 @@ class SlotStore:
     def keys(self) -> torch.Tensor:
         if self._quantized_view is not None:
             return self._quantized_view[0]
+        if self.ragged is not None:
+            return self._per_head_view()[0]
         return self._keys[:, :, :self.used]
 
     @property
     def values(self) -> torch.Tensor:
         if self._quantized_view is not None:
             return self._quantized_view[1]
+        if self.ragged is not None:
+            return self._per_head_view()[1]
         return self._values[:, :, :self.used]
+
+    def _per_head_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's view of per-head storage; outside a forward a fresh one that nothing keeps."""
+        if self._ragged_view is not None:
+            return self._ragged_view
+        return self.ragged.view(self.used)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -94,6 +112,8 @@ class SlotStore:
         """Make room for `capacity` slots (keys, values and metadata)."""
         if capacity <= self.capacity or self.quantized is not None:
             return
+        if self.ragged is not None:
+            raise RuntimeError("per-head storage grows by a re-layout (eviction.make_room), not in place")
         for name in self.BUFFERS:
             setattr(self, name, _grow(getattr(self, name), self.used, capacity))
 
@@ -110,6 +130,8 @@ class SlotStore:
             self._valid = torch.cat([self.valid, self._valid.new_ones(batch, heads, q)], dim=-1)
             self._positions = torch.cat([self.positions, self._positions.new_zeros(batch, heads, q)], dim=-1)
             self._quantized_view = (keys, values)
+        elif self.ragged is not None:
+            self.ragged.write(start, key_states, value_states)
         else:
             self.reserve(start + q)
             self._keys[:, :, start:start + q] = key_states
@@ -121,6 +143,8 @@ class SlotStore:
             new_valid &= ~self.heads_off[..., None]
         offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
         self._positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
+        if self.ragged is not None:
+            self._ragged_view = self.ragged.view(self.used)
         return self.keys, self.values
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
@@ -143,6 +167,9 @@ class SlotStore:
         self.heads_off = heads if self.heads_off is None else self.heads_off | heads
         self.valid.logical_and_(~self.heads_off[..., None])
         self.exact_prefix = False
+        self.live_heads = int((~self.heads_off).sum(-1).max())  # a host sync, once per layer (prefill)
+        if self.ragged is not None:
+            self.ragged.switch_off(heads)
 
     def drop(self, keep: torch.Tensor) -> None:
         """Keep only the slots where `keep [B, Hkv, P]`; the others become holes. No data moves and no
@@ -151,11 +178,12 @@ class SlotStore:
         self.exact_prefix = False
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None = None,
-               capacity: int | None = None) -> torch.Tensor | None:
+               capacity: int | None = None, per_head: HeadRoom | None = None) -> torch.Tensor | None:
         """Keep the slots `index [B, Hkv, K]` (sorted ascending), with validity `valid [B, Hkv, K]`, at the
         front of the buffers; with `capacity`, in new buffers of that many slots (a prefill that kept a
-        small part of a long prompt releases the rest). `scores [B, Hkv, P]`, the policy's running
-        score, is gathered in the same launch and returned."""
+        small part of a long prompt releases the rest). With `per_head`, lay keys and values out per
+        head instead (`RaggedStore`; `index` then has each head's valid slots first). `scores [B, Hkv,
+        P]`, the policy's running score, is gathered in the same launch and returned."""
         width = index.shape[-1]
         if self.quantized is not None:
             self.quantized.compact(index)
@@ -163,6 +191,29 @@ class SlotStore:
             positions = self.positions.gather(-1, index)
             kept_scores = scores.gather(-1, index) if scores is not None else None
             self._positions, self._valid = positions, valid.clone()
+        elif per_head is not None or self.ragged is not None:
+            if self.ragged is not None:
+                keys, values = self.ragged.gather(index, self.used)
+            else:
+                rows = index[..., None]
+                keys = self.keys.gather(2, rows.expand(-1, -1, -1, self._keys.shape[-1]))
+                values = self.values.gather(2, rows.expand(-1, -1, -1, self._values.shape[-1]))
+            positions = self.positions.gather(-1, index)
+            kept_scores = scores.gather(-1, index) if scores is not None else None
+            self._ragged_view = None
+            if per_head is not None:
+                live = ~self.heads_off if self.heads_off is not None else torch.ones_like(valid[..., 0])
+                self.ragged = RaggedStore.build(keys, values, valid, live, per_head)
+                self._keys, self._values = keys.new_empty(*keys.shape[:2], 0, keys.shape[-1]), \
+                    values.new_empty(*values.shape[:2], 0, values.shape[-1])  # shape and dtype only
+                capacity = self.ragged.capacity
+            else:  # back to one layout for every head
+                self.ragged = None
+                self._keys, self._values = keys, values
+            capacity = max(capacity or width, width)
+            for name, kept in (("_keys", self._keys), ("_values", self._values), ("_positions", positions),
+                               ("_valid", valid)):
+                setattr(self, name, _grow(kept, kept.shape[2], capacity) if kept.shape[2] else kept)
         else:
             if scores is not None:  # one Triton launch on CUDA, torch gathers elsewhere
                 keys, values, positions, kept_scores, _ = compact_slots(
@@ -187,6 +238,9 @@ class SlotStore:
             self.quantized.apply_batch(fn)
             self._quantized_view = self.quantized.placeholders()
             self._keys, self._values = self._quantized_view
+        if self.ragged is not None:
+            self.ragged.map_tensors(fn)
+            self._ragged_view = None
         for name in self.BUFFERS:
             tensor = getattr(self, name)
             if tensor.device.type != "meta":
@@ -200,12 +254,16 @@ class SlotStore:
     def end_forward(self, quant: KVQuant | None) -> None:
         """After a forward's eviction: the first time `quant` is given, move the kept slots into quantized
         storage (scored first, then quantized); afterwards quantize residual slots whose group filled.
-        Then release the dequantized tensors attention read (meta placeholders keep the shape)."""
+        Then release the dequantized tensors attention read (meta placeholders keep the shape), or the
+        view of per-head storage."""
+        self._real_before = self.real_seen
         if self.quantized is None:
             if quant is None:
+                self._ragged_view = None
                 return
             self.quantized = QuantizedStore(quant, self.keys.contiguous(), self.values.contiguous())
             self._valid, self._positions = self.valid.clone(), self.positions.clone()
+            self.ragged = self._ragged_view = None
         else:
             self.quantized.flush()
         self._quantized_view = self.quantized.placeholders()
@@ -213,9 +271,12 @@ class SlotStore:
 
     @property
     def kv_nbytes(self) -> int:
-        """Bytes allocated for keys and values: whole buffers (capacity included), or the quantized store."""
+        """Bytes allocated for keys and values: whole buffers (capacity included), per-head storage (with its
+        room and layout), or the quantized store."""
         if self.quantized is not None:
             return self.quantized.nbytes
+        if self.ragged is not None:
+            return self.ragged.nbytes
         return self._keys.nbytes + self._values.nbytes
 
     @property

@@ -108,6 +108,9 @@ class KVCompose(Policy):
         counts = torch.minimum(kept, available)
         return [counts[:, index] + fixed[index] for index in range(len(layers))]
 
+    def per_head_storage(self, layer) -> bool:
+        return not self.structured  # the unstructured variant gives each head its own count
+
     def forced_ranks(self) -> int:
         return max(1, self.keep_token_lower_bound)
 

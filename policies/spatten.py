@@ -183,6 +183,9 @@ class SpAtten(Policy):
     def slot_bound(self, layer) -> int:
         return min(layer.seen, 2 * super().slot_bound(layer) + self.window)  # the linear schedule's first layer
 
+    def per_head_storage(self, layer) -> bool:
+        return layer.slots.heads_off is not None  # a switched-off head holds no storage
+
     def eligible(self, layer) -> torch.Tensor:
         """A token evicted from a lower layer may not stay in this one (the cascade)."""
         index, _ = pruned_layer_index(layer)

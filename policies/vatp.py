@@ -47,6 +47,9 @@ class VATP(Wrapper):
         inner = shift_nonnegative(self.inner.score(layer).float(), layer.valid)  # [B, Hkv, P]
         return inner * layer.values.float().abs().sum(dim=-1)
 
+    def protected_bound(self, layer) -> int:
+        return min(layer.seen, self.inner.protected_bound(layer) + self.sink_tokens)
+
     def protected(self, layer) -> torch.Tensor:
         sinks = layer.valid & (layer.positions >= 0) & (layer.positions < self.sink_tokens)
         return self.inner.protected(layer) | sinks

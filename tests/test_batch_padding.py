@@ -22,6 +22,14 @@ class RaggedH2O(H2O):
         return torch.minimum(counts, (self.budget - shrink).clamp(min=self.window + 1).expand_as(counts))
 
 
+@dataclass
+class RaggedH2OPerHead(RaggedH2O):
+    """RaggedH2O with keys and values stored per head (kvpress/ragged.py)."""
+
+    def per_head_storage(self, layer):
+        return True
+
+
 def run(model, ids, mask, policy, steps=10):
     cache = PrunedCache(policy)
     out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=steps, do_sample=False,
@@ -32,8 +40,9 @@ def run(model, ids, mask, policy, steps=10):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("policy", [H2O(budget=20, window=4), SnapKV(budget=20, window=4, kernel=3),
                                     TOVA(budget=20), StreamingLLM(budget=20, sinks=2),
-                                    RaggedH2O(budget=24, window=4), H2O(budget=0.5, window=4)],
-                         ids=["h2o", "snapkv", "tova", "streaming", "ragged", "h2o-float"])
+                                    RaggedH2O(budget=24, window=4), RaggedH2OPerHead(budget=24, window=4),
+                                    H2O(budget=0.5, window=4)],
+                         ids=["h2o", "snapkv", "tova", "streaming", "ragged", "ragged-per-head", "h2o-float"])
 def test_batch_equals_single_with_left_padding(attn, policy):
     model = tiny_model("llama", attn)
     rows = [random_ids(1, 41, seed=1)[0], random_ids(1, 27, seed=2)[0]]
@@ -62,7 +71,7 @@ def test_batch_equals_single_on_other_families(family):
     model = tiny_model(family, "eager")
     rows = [random_ids(1, 33, seed=4)[0], random_ids(1, 19, seed=5)[0]]
     ids, mask = left_pad(rows)
-    policy = RaggedH2O(budget=22, window=4)
+    policy = RaggedH2OPerHead(budget=22, window=4)
     batched, _ = run(model, ids, mask, policy, steps=6)
     for i, row in enumerate(rows):
         alone, _ = run(model, row[None], None, policy, steps=6)
