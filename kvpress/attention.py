@@ -3,7 +3,8 @@ score with, in PyTorch.
 
 `attend` chooses the path for one forward of a layer: the model's own attention function (bit-identical
 to `DynamicCache`) when the stored slots are an exact causal prefix that the model's mask describes,
-else `grouped_attention` with a mask built from slot validity and positions.
+`quantized_attention` over a KIVI-quantized layer (blocks of dequantized slots, or the quantized decode
+kernel on CUDA), else `grouped_attention` with a mask built from slot validity and positions.
 
 Queries are processed in chunks of rows, each chunk holding complete rows of logits, so the softmax
 is exact per chunk and peak memory is `O(chunk * S)`: linear in the prompt, never `S x S`. A chunk
@@ -22,8 +23,10 @@ import math
 import torch
 
 from kvpress.policy import AttentionRequest, Signals
+from kvpress.quant import QuantizedStore, block_of_slot
 from kvpress.triton_kernels import use_triton
 from kvpress.triton_kernels.decode_attention import decode_attention
+from kvpress.triton_kernels.quantization import quantized_decode_attention_triton
 
 # fp32 logits one query chunk may hold (4 MiB): small chunks stay in cache and skip more of the
 # causal triangle; measured faster than 16-64 MiB chunks on CPU (benchmarks/overhead.py).
@@ -31,6 +34,10 @@ CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_ROWS = 16
 # backend of the fused decode step; tests set "triton" to run the kernel in Triton's CPU interpreter
 FUSED_DECODE_BACKEND = "auto"
+# fp32 elements of one block of dequantized keys or values (1 MiB) in `quantized_attention`
+QUANTIZED_BLOCK_ELEMENTS = 1 << 18
+# backend of the quantized decoding step (the same switch, for `quantized_attention`)
+QUANTIZED_DECODE_BACKEND = "auto"
 
 
 def fused_decode_fold(query: torch.Tensor) -> bool:
@@ -86,12 +93,26 @@ def grouped_attention(
                                      query_valid=query_valid, weights=weights, want_output=want_output)
     if query.shape[2] == 1 and window is None and query_valid is None:
         return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output)
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads, slots = key.shape[1], key.shape[2]
-    group = q_heads // kv_heads
-    qf = query.float().view(batch, kv_heads, group, q_len, dim)
     kf, vf = key.float(), value.float()
-    slot_index = torch.arange(slots, device=key.device)
+    return _chunked_attention(
+        query, key.shape[2],
+        lambda queries, visible: torch.matmul(queries, kf[:, :, :visible].transpose(-1, -2)),
+        lambda probs, visible: torch.matmul(probs, vf[:, :, :visible]),
+        slot_valid, scaling=scaling, softcap=softcap, query_valid=query_valid, weights=weights,
+        want_output=want_output, chunk_elements=chunk_elements, positions=positions, window=window)
+
+
+def _chunked_attention(query, slots, logits_of, output_of, slot_valid, *, scaling, softcap, query_valid, weights,
+                       want_output, chunk_elements, positions, window):
+    """`grouped_attention` over any key/value reader, in chunks of complete query rows: `logits_of(queries
+    [B, Hkv, G * c, D] fp32, V)` returns their products with the first `V` keys, `output_of(probs [B,
+    Hkv, G * c, V], V)` the probabilities times the first `V` values."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = slot_valid.shape[1]
+    group = q_heads // kv_heads
+    device = slot_valid.device
+    qf = query.float().view(batch, kv_heads, group, q_len, dim)
+    slot_index = torch.arange(slots, device=device)
     fill = torch.finfo(torch.float32).min
     # at least MIN_CHUNK_ROWS rows per chunk: a Python loop of one row per iteration costs more than the
     # transient memory of a few rows of logits at long prompts
@@ -99,18 +120,18 @@ def grouped_attention(
     hidden_slots = ~slot_valid[:, :, None, None, :]  # [B, Hkv, 1, 1, S]
 
     outputs = []
-    mass = torch.zeros(batch, kv_heads, slots, device=key.device) if weights is not None else None
+    mass = torch.zeros(batch, kv_heads, slots, device=device) if weights is not None else None
     for start in range(0, q_len, chunk):
         stop = min(q_len, start + chunk)
         rows = stop - start
         # no row of this chunk sees past its last query's slot: skip those keys (the causal triangle)
         visible = slots - q_len + stop
         queries = qf[:, :, :, start:stop].reshape(batch, kv_heads, group * rows, dim)
-        logits = torch.matmul(queries, kf[:, :, :visible].transpose(-1, -2)).mul_(scaling)
+        logits = logits_of(queries, visible).mul_(scaling)
         logits = logits.view(batch, kv_heads, group, rows, visible)
         if softcap is not None:
             logits = torch.tanh(logits / softcap).mul_(softcap)
-        last_visible = slots - q_len + torch.arange(start, stop, device=key.device)  # [c]
+        last_visible = slots - q_len + torch.arange(start, stop, device=device)  # [c]
         hidden = (slot_index[:visible] > last_visible[:, None]) | hidden_slots[..., :visible]  # [B,Hkv,1,c,V]
         if window is not None:
             query_positions = positions[:, :, slots - q_len + start:slots - q_len + stop]  # [B, Hkv, c]
@@ -120,7 +141,7 @@ def grouped_attention(
         if query_valid is not None:
             probs = probs * query_valid[:, None, None, start:stop, None]
         if want_output:
-            out = torch.matmul(probs.view(batch, kv_heads, group * rows, visible), vf[:, :, :visible])
+            out = output_of(probs.view(batch, kv_heads, group * rows, visible), visible)
             outputs.append(out.view(batch, kv_heads, group, rows, -1))
         if mass is not None:
             # [c] @ [B, Hkv, G, c, V] -> [B, Hkv, G, V], then over the group
@@ -132,6 +153,72 @@ def grouped_attention(
     if want_output:
         output = (torch.cat(outputs, dim=3) * live[:, :, None, None, None]).reshape(batch, q_heads, q_len, -1)
         output = output.transpose(1, 2).to(query.dtype).contiguous()
+    return output, mass
+
+
+def quantized_attention(
+    query: torch.Tensor,  # [B, Hq, q, D]
+    store: QuantizedStore,  # the layer's slots: quantized, then full-precision residual
+    slot_valid: torch.Tensor,  # [B, Hkv, S] bool
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    query_valid: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    want_output: bool = True,
+    positions: torch.Tensor | None = None,
+    window: int | None = None,
+    block_elements: int | None = None,  # default QUANTIZED_BLOCK_ELEMENTS
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`grouped_attention` over a KIVI-quantized layer without dequantizing the layer: keys are
+    dequantized one block of slots at a time for the logits, values one block at a time for the output,
+    so the fp32 temporaries are a block (`block_elements` per tensor) and one chunk of logits, never the
+    whole quantized region. The residual is read as it is. On CUDA, a decoding step (no softcap, no
+    sliding window) runs the quantized decode kernel (`triton_kernels/quantization.py`), which reads the
+    packed codes directly; it returns the logits and their log-sum-exp, from which the mass follows."""
+    batch, _, q_len, dim = query.shape
+    if (q_len == 1 and softcap is None and window is None and query_valid is None
+            and use_triton(query, QUANTIZED_DECODE_BACKEND)):
+        return _quantized_decode(query, store, slot_valid, scaling, weights, want_output)
+    block_elements = block_elements or QUANTIZED_BLOCK_ELEMENTS
+    block = max(MIN_CHUNK_ROWS, block_elements // max(1, batch * slot_valid.shape[1] * dim))
+
+    def logits_of(queries, visible):
+        logits = queries.new_empty(*queries.shape[:-1], visible)
+        for start in range(0, visible, block):
+            stop = min(visible, start + block)
+            logits[..., start:stop] = torch.matmul(queries, store.key_block(start, stop).transpose(-1, -2))
+        return logits
+
+    def output_of(probs, visible):
+        out = None
+        for start in range(0, visible, block):
+            stop = min(visible, start + block)
+            part = torch.matmul(probs[..., start:stop], store.value_block(start, stop))
+            out = part if out is None else out.add_(part)
+        return out
+
+    return _chunked_attention(query, store.num_slots, logits_of, output_of, slot_valid, scaling=scaling,
+                              softcap=softcap, query_valid=query_valid, weights=weights, want_output=want_output,
+                              chunk_elements=CHUNK_ELEMENTS, positions=positions, window=window)
+
+
+def _quantized_decode(query, store, slot_valid, scaling, weights, want_output):
+    """One query token over a quantized layer with the Triton kernel; the mass from its logits."""
+    batch, q_heads = query.shape[:2]
+    kv_heads = slot_valid.shape[1]
+    block = block_of_slot(store.key_counts, store.quantized_slots)
+    result = quantized_decode_attention_triton(
+        query[:, :, 0], store.key_codes, store.key_scale, store.key_zero, block, store.value_codes,
+        store.value_scale, store.value_zero, store.residual_keys, store.residual_values, slot_valid,
+        scaling=scaling, bits=store.quant.bits, return_logits=weights is not None)
+    out, mass = result, None
+    if weights is not None:
+        out, logits, lse = result
+        # a head without any valid slot has lse -inf: no mass (as on the other paths)
+        probs = torch.where(torch.isfinite(lse)[..., None], torch.exp(logits - lse[..., None]), 0.0)
+        mass = probs.view(batch, kv_heads, q_heads // kv_heads, -1).sum(dim=2).mul_(weights[0])
+    output = out.view(batch, 1, q_heads, -1).to(query.dtype) if want_output else None
     return output, mass
 
 
@@ -229,7 +316,9 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     window = layer.sliding_window
     # the model's mask describes the slots while they are the exact prefix it was built for (padding
     # included); after an eviction or a dropped slot, validity and positions come from the slots
-    clean = slots.exact_prefix and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2])
+    # quantized storage is read from its store (transformers got shape-only placeholders)
+    clean = (slots.exact_prefix and slots.quantized is None
+             and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2]))
     if clean and slots.has_padding:  # the model's mask must know the padding the slots hold
         clean = attention_mask is not None and (q == 1 or mask_hides_padding(attention_mask, slots.valid, q))
     if (not clean or request is not None) and mask_has_structure(attention_mask, new_valid, q, window):
@@ -244,6 +333,13 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     softcap = kwargs.get("softcap")
 
     mass = None
+    if slots.quantized is not None:
+        weights = row_weights(q, request.rows, request.decay, query.device) if request else None
+        out, mass = quantized_attention(query, slots.quantized, slots.valid, scaling=scaling, softcap=softcap,
+                                        query_valid=new_valid, weights=weights, positions=slots.positions,
+                                        window=window)
+        return (out, None), Signals(phase=phase, q=q, request=request, mass=mass, output=out, query=query,
+                                    module=module)
     score_state = layer.score_state() if q == 1 and request is not None and request.accumulate else None
     if score_state is not None and window is None and fused_decode_fold(query):
         # the fused decode kernel folds this step's mass into the running score in place

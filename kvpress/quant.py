@@ -271,20 +271,50 @@ class QuantizedStore:
 
     # ---- reading and appending ----
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The quantized slots in the model's dtype: keys and values `[B, H, Nq, D]`."""
+        """The quantized slots in the model's dtype: keys and values `[B, H, Nq, D]` (for policies that
+        read keys or values; attention reads `key_block`/`value_block`)."""
         bits = self.quant.bits
-        block = block_of_slot(self.key_counts, self.quantized_slots)
-        keys = dequantize_keys(self.key_codes, self.key_scale, self.key_zero, block, bits)
         values = dequantize_values(self.value_codes, self.value_scale, self.value_zero, bits)
-        return keys, values
+        return self.dequantize_keys(), values
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add new full-precision slots to the residual; return every slot (dequantized, then residual),
-        which is what attention reads this forward."""
+    def dequantize_keys(self) -> torch.Tensor:
+        block = block_of_slot(self.key_counts, self.quantized_slots)
+        return dequantize_keys(self.key_codes, self.key_scale, self.key_zero, block, self.quant.bits)
+
+    def key_block(self, start: int, stop: int) -> torch.Tensor:
+        """Keys of slots `start .. stop - 1` (quantized, then residual) as attention reads them: fp32
+        `[B, H, stop - start, D]`, dequantized through the model's dtype as `dequantize` does."""
+        return self._block(start, stop, keys=True)
+
+    def value_block(self, start: int, stop: int) -> torch.Tensor:
+        return self._block(start, stop, keys=False)
+
+    def _block(self, start: int, stop: int, keys: bool) -> torch.Tensor:
+        quantized = self.quantized_slots
+        parts = []
+        if start < quantized:
+            end = min(stop, quantized)
+            codes = unpack((self.key_codes if keys else self.value_codes)[..., start:end, :], self.quant.bits).float()
+            if keys:  # per-channel parameters of each slot's block, gathered for these slots only
+                ends = self.key_counts.long().cumsum(-1)  # [B, H, NB]
+                slots = torch.arange(start, end, device=ends.device).expand(*ends.shape[:-1], end - start)
+                index = torch.searchsorted(ends, slots.contiguous(), right=True)[..., None].expand(*slots.shape, codes.shape[-1])
+                out = codes * self.key_scale.gather(-2, index).float() + self.key_zero.gather(-2, index).float()
+            else:  # per-slot groups of channels
+                scale, zero = self.value_scale[..., start:end, :], self.value_zero[..., start:end, :]
+                grouped = codes.view(*codes.shape[:-1], scale.shape[-1], -1)
+                out = (grouped * scale.float()[..., None] + zero.float()[..., None]).view(codes.shape)
+            parts.append(out.to(self.dtype))
+        if stop > quantized:
+            residual = self.residual_keys if keys else self.residual_values
+            parts.append(residual[..., max(start, quantized) - quantized:stop - quantized, :])
+        block = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        return block.float()
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add new full-precision slots to the residual (nothing is dequantized)."""
         self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
         self.residual_values = torch.cat([self.residual_values, values], dim=-2)
-        old_keys, old_values = self.dequantize()
-        return torch.cat([old_keys, self.residual_keys], dim=-2), torch.cat([old_values, self.residual_values], dim=-2)
 
     def flush(self) -> None:
         """Quantize the oldest residual slots in whole groups, leaving `residual` to `residual + G - 1`."""
@@ -385,7 +415,7 @@ class QuantizedStore:
     def repack(self) -> None:
         """Re-quantize the quantized keys into dense blocks of `G` consecutive slots (values are per
         slot and stay as they are). One more rounding of the keys; see the module docstring."""
-        keys, _ = self.dequantize()
+        keys = self.dequantize_keys()
         codes, scale, zero, counts = quantize_key_blocks(keys, self.quant.bits, self.quant.group_size)
         self.key_codes, self.key_scale, self.key_zero = codes, scale, zero
         self.key_counts = counts.expand(*keys.shape[:2], -1).contiguous()

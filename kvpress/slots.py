@@ -14,8 +14,9 @@ marked invalid (a hole); holes are squeezed out by one gather when the buffer is
 When the KV heads of a layer keep different numbers of slots (the policy's `per_head_storage`), a
 compaction lays keys and values out per head in a `RaggedStore` (kvpress/ragged.py): the bytes follow
 the slots each head keeps, and `keys`/`values` are a view gathered for the forward. With quantized
-storage the keys and values live in a `QuantizedStore` (kvpress/quant.py) and, between forwards,
-`keys`/`values` are shape-only `meta` placeholders.
+storage the keys and values live in a `QuantizedStore` (kvpress/quant.py): attention reads it block by
+block (kvpress/attention.py), transformers gets shape-only `meta` placeholders, and `keys`/`values`
+are dequantized only when a policy reads them during a forward (placeholders between forwards).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class SlotStore:
         self.ragged: RaggedStore | None = None
         self._ragged_view: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered for the current forward
         self.quantized: QuantizedStore | None = None
-        self._quantized_view: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._quantized_view: tuple[torch.Tensor, torch.Tensor] | None = None  # meta placeholders
+        self._dequantized: tuple[torch.Tensor, torch.Tensor] | None = None  # read by a policy this forward
+        self._in_forward = False
         # host-side: the model's own mask describes the slots (no eviction yet, no hole)
         self.exact_prefix = True
         self.has_padding = False
@@ -64,7 +67,7 @@ class SlotStore:
     @property
     def keys(self) -> torch.Tensor:
         if self._quantized_view is not None:
-            return self._quantized_view[0]
+            return self._quantized_read()[0]
         if self.ragged is not None:
             return self._per_head_view()[0]
         return self._keys[:, :, :self.used]
@@ -72,10 +75,22 @@ class SlotStore:
     @property
     def values(self) -> torch.Tensor:
         if self._quantized_view is not None:
-            return self._quantized_view[1]
+            return self._quantized_read()[1]
         if self.ragged is not None:
             return self._per_head_view()[1]
         return self._values[:, :, :self.used]
+
+    def _quantized_read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized storage as a policy reads it during a forward (dequantized once, when first read),
+        or shape-only placeholders between forwards."""
+        if self.quantized is None or not self._in_forward:
+            return self._quantized_view
+        if self._dequantized is None:
+            keys, values = self.quantized.dequantize()
+            store = self.quantized
+            self._dequantized = (torch.cat([keys, store.residual_keys], dim=-2),
+                                 torch.cat([values, store.residual_values], dim=-2))
+        return self._dequantized
 
     def _per_head_view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward's view of per-head storage; outside a forward a fresh one that nothing keeps."""
@@ -98,6 +113,15 @@ class SlotStore:
     @property
     def num_slots(self) -> int:
         return self.used
+
+    @property
+    def head_dim(self) -> int:
+        return self._keys.shape[-1]
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the model's keys and values."""
+        return self._keys.element_size()
 
     @property
     def num_heads(self) -> int:
@@ -126,10 +150,11 @@ class SlotStore:
         self._real_before = self.real_seen
         self.real_seen = self.real_seen + q
         if self.quantized is not None:
-            keys, values = self.quantized.append(key_states, value_states)
+            self.quantized.append(key_states, value_states)
             self._valid = torch.cat([self.valid, self._valid.new_ones(batch, heads, q)], dim=-1)
             self._positions = torch.cat([self.positions, self._positions.new_zeros(batch, heads, q)], dim=-1)
-            self._quantized_view = (keys, values)
+            self._quantized_view, self._dequantized = self.quantized.placeholders(), None
+            self._in_forward = True
         elif self.ragged is not None:
             self.ragged.write(start, key_states, value_states)
         else:
@@ -145,6 +170,8 @@ class SlotStore:
         self._positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         if self.ragged is not None:
             self._ragged_view = self.ragged.view(self.used)
+        if self.quantized is not None:  # attention reads the store itself
+            return self._quantized_view
         return self.keys, self.values
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
@@ -187,7 +214,7 @@ class SlotStore:
         width = index.shape[-1]
         if self.quantized is not None:
             self.quantized.compact(index)
-            self._quantized_view = None
+            self._quantized_view, self._dequantized = self.quantized.placeholders(), None
             positions = self.positions.gather(-1, index)
             kept_scores = scores.gather(-1, index) if scores is not None else None
             self._positions, self._valid = positions, valid.clone()
@@ -266,7 +293,7 @@ class SlotStore:
             self.ragged = self._ragged_view = None
         else:
             self.quantized.flush()
-        self._quantized_view = self.quantized.placeholders()
+        self._quantized_view, self._dequantized, self._in_forward = self.quantized.placeholders(), None, False
         self._keys, self._values = self._quantized_view
 
     @property

@@ -72,7 +72,7 @@ class QuantizedPruning(Wrapper):
 
     def choose_bits(self, layer) -> KVQuant | None:
         """The paper's rule (class docstring) for the tokens `layer` has seen."""
-        memory, dim, itemsize = self.layer_memory(layer), layer.keys.shape[-1], layer.keys.element_size()
+        memory, dim, itemsize = self.layer_memory(layer), layer.slots.head_dim, layer.slots.itemsize
         tokens = int(layer.real_seen.max())
         for bits in (None, 8, 4):
             quant = None if bits is None else KVQuant(bits, self.group_size, self.residual)
@@ -84,7 +84,7 @@ class QuantizedPruning(Wrapper):
         """Slots per KV head for `layer` at the precision its cache stores (a cache's own `quantization`
         overrides this policy's bits)."""
         quant = layer.cache.storage_for(layer)
-        dim, itemsize = layer.keys.shape[-1], layer.keys.element_size()
+        dim, itemsize = layer.slots.head_dim, layer.slots.itemsize
         if quant is not None:
             quant.check_head_dim(dim)
         slots = slots_for_memory(self.layer_memory(layer), dim, itemsize, quant)

@@ -46,13 +46,15 @@ def dequantize_keys_reference(packed, scale, zero, block, bits: int) -> torch.Te
 
 def quantized_decode_attention_reference(query, key_codes, key_scale, key_zero, key_block, value_codes,
                                          value_scale, value_zero, residual_keys, residual_values, valid,
-                                         *, scaling: float, bits: int) -> torch.Tensor:
+                                         *, scaling: float, bits: int, return_logits: bool = False):
     """One decoding step of grouped-query attention over a quantized layer.
 
     query `[B, Hq, D]`; quantized slots: key_codes/value_codes `[B, H, N, Dp]`, key_scale/key_zero
     `[B, H, NB, D]`, key_block `[B, H, N]`, value_scale/value_zero `[B, H, N, D/group]`; residual
     `[B, H, R, D]`; valid `[B, H, N + R]` bool. Returns `[B, Hq, D]` fp32 (zeros for a head without a
-    valid slot)."""
+    valid slot); with `return_logits`, also the scaled logits `[B, Hq, N + R]` fp32 (-inf where not
+    valid) and their log-sum-exp `[B, Hq]` (-inf for a head without a valid slot), from which the
+    caller gets the attention mass without a second pass over the keys."""
     keys = quant.dequantize_keys(key_codes, key_scale, key_zero, key_block.long(), bits)
     values = quant.dequantize_values(value_codes, value_scale, value_zero, bits)
     keys = torch.cat([keys, residual_keys], dim=2).float()
@@ -63,7 +65,10 @@ def quantized_decode_attention_reference(query, key_codes, key_scale, key_zero, 
     logits = torch.einsum("bhgd,bhsd->bhgs", q, keys) * scaling
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(batch, q_heads, dim)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(batch, q_heads, dim)
+    if not return_logits:
+        return out
+    return out, logits.reshape(batch, q_heads, -1), torch.logsumexp(logits, dim=-1).reshape(batch, q_heads)
 
 
 # ---- kernels ----
@@ -181,10 +186,12 @@ if HAS_TRITON:
 
     @_jit
     def _quantized_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, kb_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr,
-                                 valid_ptr, out_ptr, scaling, N, NB, R, HQ: tl.constexpr, HKV: tl.constexpr,
-                                 D: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+                                 valid_ptr, out_ptr, logits_ptr, lse_ptr, scaling, N, NB, R, HQ: tl.constexpr,
+                                 HKV: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, STORE_LOGITS: tl.constexpr):
         """One program per (batch row, query head): online softmax over the quantized slots (codes
-        unpacked and dequantized in registers), then over the full-precision residual."""
+        unpacked and dequantized in registers), then over the full-precision residual. With
+        `STORE_LOGITS`, the scaled logits of every slot and the final log-sum-exp are stored too."""
         pid = tl.program_id(0).to(tl.int64)
         b = pid // HQ
         hq = pid % HQ
@@ -207,6 +214,8 @@ if HAS_TRITON:
                 + tl.load(kz_ptr + kparam, mask=n_mask[:, None], other=0.0).to(tl.float32)
             ok = n_mask & (tl.load(valid_ptr + head * (N + R) + n, mask=n_mask, other=0) != 0)
             logits = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            if STORE_LOGITS:
+                tl.store(logits_ptr + (b * HQ + hq) * (N + R) + n, logits, mask=n_mask)
             v = _unpack(vc_ptr, rows[:, None], d[None, :], PACKED, BITS, n_mask[:, None])
             vparam = rows[:, None] * NG + d[None, :] // (D // NG)
             v = v * tl.load(vs_ptr + vparam, mask=n_mask[:, None], other=0.0).to(tl.float32) \
@@ -225,6 +234,8 @@ if HAS_TRITON:
             k = tl.load(rk_ptr + rows[:, None] * D + d[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
             ok = n_mask & (tl.load(valid_ptr + head * (N + R) + N + n, mask=n_mask, other=0) != 0)
             logits = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            if STORE_LOGITS:
+                tl.store(logits_ptr + (b * HQ + hq) * (N + R) + N + n, logits, mask=n_mask)
             v = tl.load(rv_ptr + rows[:, None] * D + d[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
             m_new = tl.maximum(m_i, tl.max(logits, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -235,6 +246,9 @@ if HAS_TRITON:
             m_i = m_new
         out = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
         tl.store(out_ptr + (b * HQ + hq) * D + d, out)
+        if STORE_LOGITS:
+            lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            tl.store(lse_ptr + b * HQ + hq, lse)
 
 
 # ---- launchers (same signatures as the references) ----
@@ -299,16 +313,21 @@ def dequantize_keys_triton(packed, scale, zero, block, bits: int) -> torch.Tenso
 
 def quantized_decode_attention_triton(query, key_codes, key_scale, key_zero, key_block, value_codes,
                                       value_scale, value_zero, residual_keys, residual_values, valid,
-                                      *, scaling: float, bits: int) -> torch.Tensor:
+                                      *, scaling: float, bits: int, return_logits: bool = False):
     batch, q_heads, dim = query.shape
     kv_heads, slots = key_codes.shape[1], key_codes.shape[2]
+    residual = residual_keys.shape[2]
     _check_pow2(head_dim=dim)
     out = torch.empty(batch, q_heads, dim, dtype=torch.float32, device=query.device)
+    logits = lse = out  # not written without return_logits
+    if return_logits:
+        logits = torch.empty(batch, q_heads, slots + residual, dtype=torch.float32, device=query.device)
+        lse = torch.empty(batch, q_heads, dtype=torch.float32, device=query.device)
     c = lambda t: t.contiguous()
     with on_device_of(query):
         _quantized_decode_kernel[(batch * q_heads,)](
             c(query), c(key_codes), c(key_scale), c(key_zero), c(key_block.to(torch.int32)), c(value_codes),
             c(value_scale), c(value_zero), c(residual_keys), c(residual_values), c(valid.to(torch.int8)), out,
-            scaling, slots, key_scale.shape[2], residual_keys.shape[2], q_heads, kv_heads, dim, value_scale.shape[-1],
-            bits, 32)
-    return out
+            logits, lse, scaling, slots, key_scale.shape[2], residual, q_heads, kv_heads, dim,
+            value_scale.shape[-1], bits, 32, return_logits)
+    return (out, logits, lse) if return_logits else out

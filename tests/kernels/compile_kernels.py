@@ -168,7 +168,8 @@ def quantization_launches(dtype, bits, dim=128, group=32, block=32, decode=True)
             torch.empty(b, 32, dim, device=META, dtype=dtype), codes, params(dim), params(dim),
             torch.empty(b, h, n, device=META, dtype=torch.long), codes, params(dim // group), params(dim // group),
             torch.empty(b, h, r, dim, device=META, dtype=dtype), torch.empty(b, h, r, dim, device=META, dtype=dtype),
-            torch.empty(b, h, n + r, device=META, dtype=torch.bool), scaling=dim ** -0.5, bits=bits)
+            torch.empty(b, h, n + r, device=META, dtype=torch.bool), scaling=dim ** -0.5, bits=bits,
+            return_logits=True)  # the cache's decoding step stores logits for the mass
     return launches
 
 

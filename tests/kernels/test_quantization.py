@@ -94,6 +94,18 @@ def test_quantized_decode_attention_matches_reference_and_dequantized_attention(
             logits[~valid[b, kv]] = float("-inf")
             out[b, h] = torch.softmax(logits, 0) @ v[b, kv]
     assert torch.allclose(got, out, atol=1e-5)
+    # the logits and log-sum-exp the cache turns into the attention mass
+    got_out, logits, lse = qk.quantized_decode_attention_triton(*args, scaling=dim ** -0.5, bits=bits, return_logits=True)
+    _, want_logits, want_lse = qk.quantized_decode_attention_reference(*args, scaling=dim ** -0.5, bits=bits,
+                                                                       return_logits=True)
+    assert torch.equal(got_out, got)
+    assert torch.allclose(logits, want_logits, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5)
+    for b in range(batch):
+        for h in range(4):
+            expected = (k[b, h // 2] @ query[b, h]) * dim ** -0.5
+            assert torch.allclose(logits[b, h][valid[b, h // 2]], expected[valid[b, h // 2]], atol=1e-5)
+            assert bool(torch.isinf(logits[b, h][~valid[b, h // 2]]).all())
+            assert torch.allclose(lse[b, h], torch.logsumexp(expected[valid[b, h // 2]], 0), atol=1e-5)
 
 
 def test_quantize_rounds_exact_ties_to_even_like_torch_round():
