@@ -9,12 +9,14 @@ Prints, for a tiny random Llama and for SmolLM2-135M-Instruct (CPU, fp32, sdpa):
    (target <= 0.70x at slack 0), and the cost of evicting at every decoding step after a 1k-token
    prompt (H2O budget 0.5, slack 0: target <= 1.10x);
 4. bytes allocated over bytes of the valid slots after decoding, per policy (target <= 1.1 for
-   AdaKV(SnapKV) at 0.2), and PyTorch ops per decoding step against DynamicCache;
+   AdaKV(SnapKV) at 0.2; SpAtten's switched-off heads hold none), and PyTorch ops per decoding step
+   against DynamicCache;
 5. peak extra memory of the prefill scoring pass of one layer at 2k and 8k tokens (target: linear);
 6. peak memory of a whole SmolLM2 prefill with KVCompose (every layer keeps the prompt until the
    cross-layer allocation, then compacts) vs DynamicCache, at 2k and 8k tokens (target <= 1.1x).
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --prefill-memory   # section 6 only
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --skip-prefill-memory   # sections 1-5
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpress import PrunedCache, PrunedLayer, load_model
 from kvpress.attention import grouped_attention, row_weights
-from kvpress.policies import H2O, TOVA, AdaKV, KVCompose, SnapKV
+from kvpress.policies import H2O, TOVA, AdaKV, KVCompose, SnapKV, SpAtten
 
 torch.set_num_threads(1)
 
@@ -219,6 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter prompts, fewer repeats")
     parser.add_argument("--prefill-memory", action="store_true",
                         help="only section 6: peak prefill memory of KVCompose vs DynamicCache")
+    parser.add_argument("--skip-prefill-memory", action="store_true",
+                        help="sections 1-5 only (section 6 spawns 12 processes of 2k and 8k prefills)")
     args = parser.parse_args(argv)
     if args.prefill_memory:
         print("\n".join(prefill_memory_table()))
@@ -268,7 +272,7 @@ def main(argv=None) -> int:
     print("| SmolLM2-135M, 1000-token prompt, 8 decoding steps | storage allocated / valid slots | target |")
     print("| --- | --- | --- |")
     for name, policy in (("H2O 0.2", H2O(budget=0.2)), ("SnapKV 0.2", SnapKV(budget=0.2)),
-                         ("AdaKV(SnapKV) 0.2", AdaKV(SnapKV(budget=0.2)))):
+                         ("AdaKV(SnapKV) 0.2", AdaKV(SnapKV(budget=0.2))), ("SpAtten 0.2", SpAtten(budget=0.2))):
         cache = PrunedCache(policy)
         decode_per_token(smol, ids, lambda cache=cache: cache, 8)
         print(f"| {name} | {storage_ratio(cache):.2f} | {'<= 1.1' if name.startswith('AdaKV') else ''} |")
@@ -285,8 +289,9 @@ def main(argv=None) -> int:
     for length in (2048, 8192):
         naive = 9 * length * length * 4 / 2**20
         print(f"| {length} tokens | {scoring_peak_mib(length):.0f} | {naive:.0f} |")
-    print()
-    print("\n".join(prefill_memory_table()))
+    if not args.skip_prefill_memory:
+        print()
+        print("\n".join(prefill_memory_table()))
     return 0
 
 
