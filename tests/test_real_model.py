@@ -8,8 +8,9 @@ floor). A configuration fails if it answers fewer cases or if its NLL rises by m
 nats; answering more or a lower NLL is a finding to record, not a failure. The NLL makes the test
 able to fail for configurations that answer none of the cases. Every configuration must also hold
 its memory: the slots kept over all layers and heads never exceed the uniform budget's total
-(per-layer and per-head schedules redistribute it, within one slot per head); the full cache keeps
-every token.
+(per-layer and per-head schedules redistribute it, within one slot per head), and the bytes allocated
+for keys and values stay within 1.1x those of the slots kept (padding per head, e.g. AdaKV's, counts);
+the full cache keeps every token.
 """
 
 import math
@@ -18,6 +19,7 @@ import pytest
 from retrieval import E2E_CASES, answer_and_nll, policy_configs
 
 from kvpress import PrunedLayer, load_model
+from kvpress.quant import kv_bytes
 from kvpress.spec import build_cache, parse_spec
 
 RECORDED = {  # answered out of 3
@@ -66,6 +68,7 @@ def test_retrieval_does_not_drop_below_the_recorded_answers_and_likelihood(smoll
             assert slots_kept(cache) == sum(layer.num_heads * layer.seen for layer in pruned(cache))
         else:
             assert slots_kept(cache) <= allowed_slots(cache), f"{name} holds more than its budget"
+            assert kv_bytes(cache) <= 1.1 * kv_bytes_kept(cache), f"{name} allocates more than 1.1x the slots kept"
     assert sum(answered) >= RECORDED[name], f"{name}: answered {answered}, recorded {RECORDED[name]}"
     nll = sum(nlls) / len(nlls)
     assert nll <= RECORDED_NLL[name] + NLL_MARGIN, f"{name}: answer NLL {nll:.3f}, recorded {RECORDED_NLL[name]}"
@@ -77,6 +80,11 @@ def pruned(cache) -> list[PrunedLayer]:
 
 def slots_kept(cache) -> int:
     return sum(int(layer.valid.sum()) for layer in pruned(cache))
+
+
+def kv_bytes_kept(cache) -> int:
+    """Bytes of the keys and values of the valid slots."""
+    return sum(int(layer.valid.sum()) * 2 * layer.slots.head_dim * layer.slots.itemsize for layer in pruned(cache))
 
 
 def allowed_slots(cache) -> int:
