@@ -12,6 +12,7 @@ import torch
 from kvpress import attention
 from kvpress.policy import AttentionRequest, EvictionPolicy, Signals
 from kvpress.slots import TokenLayout
+from kvpress.spec import parse_value
 from kvpress.state import State
 
 ABSENT = -1  # an auxiliary entry that holds no token
@@ -79,8 +80,9 @@ class LazyLLM(EvictionPolicy):
     freed). KV already computed is never recomputed, so a token is computed at most once per layer.
 
     schedule: `((layer, keep), ...)`, layers as indices or fractions of the model's depth (0.25 of 32
-        layers is layer 8), increasing, with keep fractions in (0, 1], non-increasing. Default: the
-        first, second and third quarters keeping 70%, 50% and 30% (policies.md, our choice).
+        layers is layer 8), increasing, with keep fractions in (0, 1], non-increasing; in a spec string
+        `lazyllm:schedule=8:0.7/16:0.5/24:0.3`. Default: after the first, second and third quarters of
+        the layers keep 70%, 50% and 30% (policies.md, our choice).
 
     Runs every decoder layer itself (kvpress/hook.py) and never evicts, so it composes with no other
     policy; quantized storage (`PrunedCache(..., quantization=KVQuant(...))`) works. Left-padded batches
@@ -95,6 +97,8 @@ class LazyLLM(EvictionPolicy):
 
     def __post_init__(self) -> None:
         schedule = self.schedule
+        if isinstance(schedule, str):  # spec strings: "8:0.7/16:0.5/24:0.3" or "0.25:0.7/0.5:0.5"
+            schedule = tuple(tuple(parse_value(x) for x in entry.split(":")) for entry in schedule.split("/"))
         if not isinstance(schedule, (tuple, list)) or not schedule:
             raise ValueError(f"LazyLLM: schedule must be a non-empty sequence of (layer, keep) pairs, got {schedule!r}")
         last_keep = 1.0
