@@ -121,8 +121,11 @@ def grouped_attention(
             later = positions[:, :, None, None, :] > query_positions[:, None, None, start:stop, None]
             hidden = later | hidden_slots
         if window is not None:
-            query_positions = positions[:, :, slots - q_len + start:slots - q_len + stop]  # [B, Hkv, c]
-            too_old = positions[:, :, None, :visible] <= query_positions[..., None] - window  # [B, Hkv, c, V]
+            if query_positions is None:  # the queries are the last q slots
+                rows_at = positions[:, :, slots - q_len + start:slots - q_len + stop]  # [B, Hkv, c]
+            else:
+                rows_at = query_positions[:, None, start:stop]  # [B, 1, c]
+            too_old = positions[:, :, None, :visible] <= rows_at[..., None] - window  # [B, Hkv, c, V]
             hidden = hidden | too_old[:, :, None]
         probs = torch.softmax(logits.masked_fill_(hidden, fill), dim=-1)
         if query_valid is not None:

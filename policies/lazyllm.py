@@ -185,7 +185,8 @@ class LazyLLM(EvictionPolicy):
                 f"LazyLLM: this model mixes layer types {sorted(kinds)} (e.g. Gemma 2/3 sliding and full layers); "
                 "LazyLLM supports models whose layers all share one attention type")
         if state.rotary is None:
-            state.rotary = _rotary_for(attention_module).to(hidden.device)
+            state.rotary = _rotary_for(attention_module)
+        state.rotary.to(hidden.device)  # in place; the cache may have moved
         batch, tokens = hidden.shape[:2]
         valid = attention.new_token_validity(kwargs.get("attention_mask"), batch, tokens)
         if valid is None:

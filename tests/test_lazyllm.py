@@ -232,3 +232,17 @@ def test_models_mixing_layer_types_and_right_padding_are_refused():
     mask[1, -3:] = 0
     with pytest.raises(ValueError, match="pad on the left"):
         model(ids, attention_mask=mask, cache=PrunedCache(LazyLLM(schedule=SCHEDULE)), use_cache=True)
+
+
+def test_every_layer_sliding_model_applies_its_window_by_position():
+    # Mistral with a window shorter than the prompt: layers drop tokens older than the window, and a
+    # schedule that keeps everything still equals DynamicCache's sliding layers
+    model = tiny_model("mistral", "sdpa", num_hidden_layers=LAYERS, sliding_window=24)
+    ids = random_ids(1, 40, seed=7)
+    expected = greedy(model, ids, DynamicCache(config=model.config))
+    cache = PrunedCache(LazyLLM(schedule=((1, 1.0),)), config=model.config)
+    assert torch.equal(greedy(model, ids, cache), expected)
+    pruned = PrunedCache(LazyLLM(schedule=SCHEDULE), config=model.config)
+    greedy(model, ids, pruned)
+    for index in range(LAYERS):
+        assert min(positions_held(pruned, index)) >= 49 - 24  # nothing older than the window
