@@ -78,7 +78,9 @@ class PrunedCache(Cache):
 
     def _build_layers(self, config) -> None:
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        every_layer_slides = all(kind in SLIDING_TYPES for kind in layer_types)
+        # a policy that lays out the tokens of a layer itself (LazyLLM) needs every layer to be one of ours
+        every_layer_slides = all(kind in SLIDING_TYPES for kind in layer_types) or getattr(
+            self.policy, "runs_decoder_layers", False)
         layers = []
         for index, (kind, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
             if kind == "full_attention":

@@ -86,7 +86,9 @@ class LazyLLM(EvictionPolicy):
 
     Runs every decoder layer itself (kvpress/hook.py) and never evicts, so it composes with no other
     policy; quantized storage (`PrunedCache(..., quantization=KVQuant(...))`) works. Left-padded batches
-    work; models that mix sliding-window and full-attention layers (Gemma 2/3) are refused.
+    work. In models that mix sliding-window and full-attention layers (Gemma 2/3) every layer is a
+    pruned layer (the window applied by position), and a schedule layer that slides moves up to the next
+    full-attention layer: a sliding layer holds only its window, so it could rank nothing older.
     """
 
     schedule: tuple = ((0.25, 0.7), (0.5, 0.5), (0.75, 0.3))
@@ -116,12 +118,16 @@ class LazyLLM(EvictionPolicy):
             last_keep = keep
         self.schedule = tuple((layer, float(keep)) for layer, keep in schedule)
 
-    def pruning_layers(self, num_layers: int) -> dict[int, float]:
-        """`{layer index: keep}` for a model of `num_layers` decoder layers."""
+    def pruning_layers(self, num_layers: int, layer_types: tuple | None = None) -> dict[int, float]:
+        """`{layer index: keep}` for a model of `num_layers` decoder layers. With `layer_types`, a schedule
+        layer that is a sliding-window layer moves up to the next full-attention layer: a sliding layer
+        holds only its window, so it could rank nothing older."""
         resolved = {}
         previous = -1
         for layer, keep in self.schedule:
             index = int(layer * num_layers) if isinstance(layer, float) else layer
+            while layer_types and index < num_layers - 1 and layer_types[index] != "full_attention":
+                index += 1
             if index >= num_layers - 1:
                 raise ValueError(f"LazyLLM: schedule layer {layer!r} is layer {index}, but tokens pruned there would "
                                  f"skip nothing: the model has {num_layers} layers (indices 0-{num_layers - 2} prune)")
@@ -141,7 +147,7 @@ class LazyLLM(EvictionPolicy):
 
     def update(self, layer, signals: Signals) -> None:
         state = layer.cache.shared.get(layer.cache.depth_of(self))
-        if state is not None and layer.layer_idx in self.pruning_layers(_num_layers(signals.module)):
+        if state is not None and layer.layer_idx in self.pruning_layers(*_depth(signals.module)):
             # as the layer held them when its newest token attended (a sliding window may drop some next);
             # LazyLLM keeps the same tokens in every KV head
             state.importance = (signals.mass.sum(dim=1), layer.slots.positions[:, 0].clone(),
@@ -154,7 +160,7 @@ class LazyLLM(EvictionPolicy):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         attention_module = module.self_attn
         index = attention_module.layer_idx
-        num_layers = _num_layers(attention_module)
+        num_layers, layer_types = _depth(attention_module)
         state = self._state(cache, hidden)
         if index == 0:
             self._start_forward(state, cache, attention_module, hidden, kwargs)
@@ -164,7 +170,7 @@ class LazyLLM(EvictionPolicy):
             state.computed += state.forward_tokens
         else:
             output = self._run_work(state, cache, module, call, hidden, kwargs, index)
-        keep = self.pruning_layers(num_layers).get(index)
+        keep = self.pruning_layers(num_layers, layer_types).get(index)
         if keep is not None:
             self._select(state, cache.layer_at(index), output, keep, index)
         if index == num_layers - 1:
@@ -178,12 +184,10 @@ class LazyLLM(EvictionPolicy):
         return cache.shared[depth]
 
     def _start_forward(self, state: LazyState, cache, attention_module, hidden, kwargs) -> None:
-        config = attention_module.config
-        kinds = set(getattr(config, "layer_types", None) or ())
-        if len(kinds) > 1:
+        kinds = set(_depth(attention_module)[1] or ())
+        if not kinds <= {"full_attention", "sliding_attention"}:
             raise NotImplementedError(
-                f"LazyLLM: this model mixes layer types {sorted(kinds)} (e.g. Gemma 2/3 sliding and full layers); "
-                "LazyLLM supports models whose layers all share one attention type")
+                f"LazyLLM: layer types {sorted(kinds)}; supported: full and sliding-window attention layers")
         if state.rotary is None:
             state.rotary = _rotary_for(attention_module)
         state.rotary.to(hidden.device)  # in place; the cache may have moved
@@ -213,7 +217,11 @@ class LazyLLM(EvictionPolicy):
         layer.layout = TokenLayout(work.positions, work.valid, forward_valid.sum(-1), tokens, state.ordered)
         kwargs["attention_mask"] = None  # the layout carries validity and causal order
         kwargs["position_ids"] = work.rope
-        kwargs["position_embeddings"] = state.rotary(work.hidden, work.rope)
+        layer_types = _depth(module.self_attn)[1]
+        if hasattr(state.rotary, "layer_types"):  # one rotary per layer type (Gemma 3: local and global bases)
+            kwargs["position_embeddings"] = state.rotary(work.hidden, work.rope, layer_types[index])
+        else:
+            kwargs["position_embeddings"] = state.rotary(work.hidden, work.rope)
         work.hidden = call(module, work.hidden, **kwargs)
         state.computed += int(work.valid.sum())
         own = work.valid & (work.origin >= 0)
@@ -327,6 +335,12 @@ class LazyLLM(EvictionPolicy):
 
 def _num_layers(module) -> int:
     return module.config.num_hidden_layers
+
+
+def _depth(module) -> tuple[int, tuple | None]:
+    """The model's number of decoder layers and their types (None when the config does not list them)."""
+    types = getattr(module.config, "layer_types", None)
+    return module.config.num_hidden_layers, tuple(types) if types else None
 
 
 def _rotary_for(attention_module):

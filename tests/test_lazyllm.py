@@ -222,10 +222,33 @@ def test_schedules_that_do_not_fit_the_model_are_refused():
         model(random_ids(1, 10), cache=PrunedCache(LazyLLM(schedule=((3, 0.5), (0.5, 0.4)))), use_cache=True)
 
 
-def test_models_mixing_layer_types_and_right_padding_are_refused():
-    gemma = tiny_model("gemma3", "sdpa")
-    with pytest.raises(NotImplementedError, match="mixes layer types"):
-        gemma(random_ids(1, 10), cache=PrunedCache(LazyLLM(schedule=((0, 0.5),))), use_cache=True)
+HYBRID = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention",
+          "sliding_attention"]
+
+
+@pytest.mark.parametrize("family,attn", [("gemma2", "eager"), ("gemma3", "sdpa")])
+def test_models_mixing_sliding_and_full_layers(family, attn):
+    model = tiny_model(family, attn, num_hidden_layers=LAYERS, layer_types=HYBRID, sliding_window=16)
+    ids = random_ids(1, 40, seed=8)
+    expected = greedy(model, ids, DynamicCache(config=model.config))
+    assert torch.equal(greedy(model, ids, PrunedCache(LazyLLM(schedule=((1, 1.0),)))), expected)
+    policy = LazyLLM(schedule=((0, 0.6), (3, 0.3)))
+    assert policy.pruning_layers(LAYERS, tuple(HYBRID)) == {2: 0.6, 4: 0.3}  # sliding layers rank only their window
+    cache = PrunedCache(policy)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    assert [len(positions_held(cache, i)) for i in (0, 1, 2, 4)] == [15, 15, 40, 24]
+    # a sliding layer holds what reached it, within its window by position (the last 15 of 40 tokens):
+    # layer 3 what layer 2 kept (layer 4 holds it), layer 5 part of what layer 4 kept
+    recent = [p for p in positions_held(cache, 4) if p >= 40 - 15]
+    assert positions_held(cache, 3) == recent
+    assert set(positions_held(cache, 5)) < set(recent) and 39 in positions_held(cache, 5)
+    decoding = PrunedCache(policy)
+    out = greedy(model, ids, decoding)
+    assert out.shape[1] > 41 and state_of(decoding).revived > 0  # decoding (revival included) runs
+
+
+def test_right_padding_is_refused():
     model = tiny_model("llama", "sdpa", num_hidden_layers=LAYERS)
     ids = random_ids(2, 10)
     mask = torch.ones_like(ids)
