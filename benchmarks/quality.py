@@ -69,8 +69,10 @@ SUMMARY_TOKENS = 48
 POLICIES = ("h2o", "a2sf", "tova", "snapkv", "knorm", "streamingllm", "random", "expectedattention", "kvzip",
             "span(h2o)", "span(tova)", "span(a2sf)", "vatp(h2o)", "caote(h2o)", "graphkv(snapkv)",
             "pyramidkv(snapkv)", "adakv(snapkv)", "adakv(expectedattention)", "spatten",
-            "quantizedpruning(snapkv)")
-EXTRA_PARAMS = {"quantizedpruning(snapkv)": ",bits=8"}
+            "quantizedpruning(snapkv):memory=budget")
+# QuantizedPruning at the memory the budget's slots take in the model's precision (`memory=budget`,
+# computed per prompt): at 8 bits in an fp32 model it keeps 4x the slots
+EXTRA_PARAMS = {"quantizedpruning(snapkv):memory=budget": ",bits=8"}
 
 NAMES = ("Ingrid Vasquez", "Juniper", "Marigold", "Pistachio", "Valparaiso", "Tamsin Oyelaran", "Bartholomew",
          "Quillon", "Saffron Achebe", "Montevideo", "Lorcan Whitfield", "Zanzibar", "Odalys Ferreira", "Corvina",
@@ -133,9 +135,16 @@ def build_tasks(tokenizer, prompts: int, doc_tokens: int) -> dict[str, list[tupl
     return tasks
 
 
-def spec_of(name: str, budget: float) -> str:
-    """`name` may carry parameters of its own: `expectedattention:window=32`."""
-    return f"{name}{',' if ':' in name else ':'}budget={budget}{EXTRA_PARAMS.get(name, '')}"
+def spec_of(name: str, budget: float, model=None, tokens: int = 0) -> str:
+    """`name` may carry parameters of its own: `expectedattention:window=32`; `memory=budget` becomes the
+    bytes that `budget` of `tokens` take in `model`'s keys and values at its precision."""
+    spec = f"{name}{',' if ':' in name else ':'}budget={budget}{EXTRA_PARAMS.get(name, '')}"
+    if "memory=budget" in spec:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+        spec = spec.replace("memory=budget", f"memory={int(budget * tokens * per_token)}")
+    return spec
 
 
 @contextmanager
@@ -217,7 +226,7 @@ def measure(model, tokenizer, task: str, ids, answer: str, reference, logits, ca
         cache = PrunedCache(None)
         replay(calls, cache)
     else:
-        cache = build_cache(parse_spec(spec_of(name, budget)))
+        cache = build_cache(parse_spec(spec_of(name, budget, model, ids.shape[1])))
         if any(isinstance(p, KVzip) for p in cache.chain):  # scored by reconstruction forwards: no replay
             logits = kvzip_prefill(model, ids, cache, tokenizer)[0, -1]
         else:
