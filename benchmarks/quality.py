@@ -13,18 +13,26 @@ reference that ships with CPython), about `--doc-tokens` tokens of text each, ch
   token to the pruned cache; the score is the share of steps whose argmax equals the full cache's next
   token (teacher forcing).
 
-The whole prompt is compressed at prefill (question included). Each prompt is prefilled once per
-(policy, budget); the cache is then copied and answers in two modes: `decode` (slack 0: the layer is
-cut back to its budget at every step) and `prefill` (slack 64, larger than any generation here, so only
-the prompt is compressed). KVzip prefills with `kvzip_prefill` (context reconstruction); its prefill
-time relative to a plain prefill is printed.
+The whole prompt is compressed at prefill (question included), then the answer is decoded in two
+modes, each on its own copy of the compressed cache: `decode` (slack 0: the layer is cut back to its
+budget at every step; the summary is fed one token at a time) and `prefill` (slack 64, larger than
+any generation here, so only the prompt is compressed; the summary is fed in one forward, which
+evicts nothing either).
 
-    OMP_NUM_THREADS=1 python benchmarks/quality.py [--quick] [--workers 2] [--shard 0/2] [--policies h2o,tova]
+Each prompt is prefilled once for real, recording what every layer's attention received; every
+(policy, budget) then gets that prefill replayed into its own cache layer by layer (`replay`): a
+policy evicts after a layer's attention, so in a one-forward prefill the queries, keys, values and
+last logits do not depend on the policy, and the replay leaves the cache as a real prefill would
+while skipping the projections and MLPs. KVzip, which scores with extra forwards, prefills with
+`kvzip_prefill` (its cost relative to a plain prefill: `--kvzip-cost`).
+
+    OMP_NUM_THREADS=1 python benchmarks/quality.py [--quick] [--shard 0/2] [--policies h2o,tova] [--budgets 0.2]
     python benchmarks/quality.py --report results.jsonl [more.jsonl ...]
     OMP_NUM_THREADS=1 python benchmarks/quality.py --quick --kvzip-cost
 
-Results are appended per (policy, budget) to `--out` (JSONL, a rerun skips what is there); the table is
-printed from every JSONL given to `--report` (or the one just written).
+Results are appended per (policy, budget, task, prompt) to `--out` (JSONL, flushed as produced; a
+rerun skips what is there; `--shard i/n` processes split the prompts); the table is printed from
+every JSONL given to `--report` (or the one just written).
 """
 
 from __future__ import annotations
@@ -36,14 +44,15 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from pydoc_data.topics import topics
 
 import torch
 from transformers import DynamicCache
 
-from kvpress import load_model
+from kvpress import PrunedCache, PrunedLayer, hook, load_model
+from kvpress.policies import KVzip, kvzip_prefill
 from kvpress.spec import build_cache, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +69,10 @@ SUMMARY_TOKENS = 48
 POLICIES = ("h2o", "a2sf", "tova", "snapkv", "knorm", "streamingllm", "random", "expectedattention", "kvzip",
             "span(h2o)", "span(tova)", "span(a2sf)", "vatp(h2o)", "caote(h2o)", "graphkv(snapkv)",
             "pyramidkv(snapkv)", "adakv(snapkv)", "adakv(expectedattention)", "spatten",
-            "quantizedpruning(snapkv)")
-EXTRA_PARAMS = {"quantizedpruning(snapkv)": ",bits=8"}
+            "quantizedpruning(snapkv):memory=budget")
+# QuantizedPruning at the memory the budget's slots take in the model's precision (`memory=budget`,
+# computed per prompt): at 8 bits in an fp32 model it keeps 4x the slots
+EXTRA_PARAMS = {"quantizedpruning(snapkv):memory=budget": ",bits=8"}
 
 NAMES = ("Ingrid Vasquez", "Juniper", "Marigold", "Pistachio", "Valparaiso", "Tamsin Oyelaran", "Bartholomew",
          "Quillon", "Saffron Achebe", "Montevideo", "Lorcan Whitfield", "Zanzibar", "Odalys Ferreira", "Corvina",
@@ -124,85 +135,114 @@ def build_tasks(tokenizer, prompts: int, doc_tokens: int) -> dict[str, list[tupl
     return tasks
 
 
-def spec_of(name: str, budget: float) -> str:
-    """`name` may carry parameters of its own: `expectedattention:window=32`."""
-    return f"{name}{',' if ':' in name else ':'}budget={budget}{EXTRA_PARAMS.get(name, '')}"
+def spec_of(name: str, budget: float, model=None, tokens: int = 0) -> str:
+    """`name` may carry parameters of its own: `expectedattention:window=32`; `memory=budget` becomes the
+    bytes that `budget` of `tokens` take in `model`'s keys and values at its precision."""
+    spec = f"{name}{',' if ':' in name else ':'}budget={budget}{EXTRA_PARAMS.get(name, '')}"
+    if "memory=budget" in spec:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+        spec = spec.replace("memory=budget", f"memory={int(budget * tokens * per_token)}")
+    return spec
+
+
+@contextmanager
+def recording(calls: list[dict]):
+    """Record what every pruned layer's `update` and `attend` receive during one forward."""
+    update, attend = PrunedLayer.update, PrunedLayer.attend
+
+    def record_update(self, key, value, *args, **kwargs):
+        calls.append({"layer": self.layer_idx, "key": key, "value": value, "update": (args, kwargs)})
+        return update(self, key, value, *args, **kwargs)
+
+    def record_attend(self, original, module, query, key, value, mask, *args, **kwargs):
+        calls[-1].update(original=original, module=module, query=query, mask=mask, args=args, kwargs=kwargs)
+        return attend(self, original, module, query, key, value, mask, *args, **kwargs)
+
+    PrunedLayer.update, PrunedLayer.attend = record_update, record_attend
+    try:
+        yield
+    finally:
+        PrunedLayer.update, PrunedLayer.attend = update, attend
 
 
 @torch.no_grad()
-def prefill(model, tokenizer, ids, cache) -> torch.Tensor:
-    """The prompt into `cache` (KVzip: with context reconstruction); returns the last logits `[V]`."""
-    if any(type(p).__name__ == "KVzip" for p in getattr(cache, "chain", ())):
-        from kvpress.policies.kvzip import kvzip_prefill
-
-        return kvzip_prefill(model, ids, cache, tokenizer)[0, -1]
-    return model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+def record_prefill(model, ids) -> tuple[torch.Tensor, list[dict]]:
+    """One real prefill of `ids` (no eviction): its last logits `[V]` and what each layer's attention saw."""
+    calls: list[dict] = []
+    with recording(calls):
+        logits = model(ids, cache=PrunedCache(None), use_cache=True, logits_to_keep=1).logits[0, -1]
+    return logits, calls
 
 
 @torch.no_grad()
-def greedy(model, cache, logits, steps: int, eos: int, forced: list[int] | None = None) -> list[int]:
-    """Argmax predictions of `steps` steps from `logits`; with `forced`, those tokens are fed instead."""
+def replay(calls: list[dict], cache) -> None:
+    """Feed a recorded prefill into `cache` layer by layer, as the model's forward would: a policy evicts
+    after a layer's attention, so in a one-forward prefill the hidden states, the queries, keys and
+    values of every layer and the last logits do not depend on the policy; only what the cache keeps
+    does. Saves the projections and MLPs of a prefill per policy."""
+    for call in calls:
+        args, kwargs = call["update"]
+        keys, values = cache.update(call["key"], call["value"], call["layer"], *args, **kwargs)
+        handoff = hook.take_handoff(keys)
+        handoff.layer.attend(call["original"], call["module"], call["query"], keys, values, call["mask"],
+                             *call["args"], **call["kwargs"])
+
+
+@torch.no_grad()
+def greedy(model, cache, logits, steps: int, eos: int) -> list[int]:
+    """Argmax predictions of `steps` steps from `logits` (stopped at end of sequence)."""
     predictions = [int(logits.argmax())]
-    for step in range(steps - 1):
-        token = forced[step] if forced is not None else predictions[-1]
-        if forced is None and token == eos:
+    for _ in range(steps - 1):
+        if predictions[-1] == eos:
             break
-        logits = model(torch.tensor([[token]]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(torch.tensor([[predictions[-1]]]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         predictions.append(int(logits.argmax()))
     return predictions
 
 
-_worker: dict = {}
+@torch.no_grad()
+def agreement(model, cache, logits, reference: list[int], one_step_at_a_time: bool) -> float:
+    """Share of the reference summary's steps whose argmax equals the reference token, the reference fed
+    token by token (decode-time eviction acts between steps) or in one forward (prefill-only compression:
+    with a slack above the summary's length nothing is evicted between its tokens either way)."""
+    forced = torch.tensor([reference[:-1]])
+    if one_step_at_a_time:
+        predicted = [int(logits.argmax())]
+        for token in forced[0]:
+            step = model(token.view(1, 1), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            predicted.append(int(step.argmax()))
+    else:
+        rest = model(forced, cache=cache, use_cache=True).logits[0].argmax(-1).tolist()
+        predicted = [int(logits.argmax())] + rest
+    return sum(p == r for p, r in zip(predicted, reference)) / len(reference)
 
 
-def _init(prompts, doc_tokens, references):
-    torch.set_num_threads(1)
-    model, tokenizer = load_model("smollm2")
-    _worker.update(model=model, tokenizer=tokenizer, tasks=build_tasks(tokenizer, prompts, doc_tokens),
-                   references=references)
-
-
-def run_job(job) -> dict:
-    """One (policy, budget), or `{"error": ...}` when it fails (the other jobs go on)."""
-    try:
-        return measure(job)
-    except Exception as error:  # noqa: BLE001 - reported by main, never written as a result
-        return {"policy": job[0], "budget": job[1], "error": repr(error)}
-
-
-def measure(job) -> dict:
-    """One (policy, budget): every prompt of every task, prefilled once, answered in both modes."""
-    name, budget = job
-    model, tokenizer, tasks = _worker["model"], _worker["tokenizer"], _worker["tasks"]
-    eos = tokenizer.eos_token_id
-    row = {"policy": name, "budget": budget, "prefill_s": 0.0, "prompts": len(tasks["passkey"])}
-    counts = {f"{task}:{mode}": 0.0 for task in tasks for mode, _ in MODES}
-    start = time.time()
-    for task, items in tasks.items():
-        for index, (ids, answer) in enumerate(items):
-            cache = DynamicCache() if name == "full" else build_cache(parse_spec(spec_of(name, budget)))
-            began = time.time()
-            logits = prefill(model, tokenizer, ids, cache)
-            row["prefill_s"] += time.time() - began
-            for mode, slack in MODES:
-                run = cache
-                if name != "full":
-                    run = copy.deepcopy(cache)
-                    run.slack = slack
-                if task == "agreement":
-                    reference = _worker["references"][index]
-                    predicted = greedy(model, run, logits, SUMMARY_TOKENS, eos, forced=reference)
-                    counts[f"{task}:{mode}"] += sum(p == r for p, r in zip(predicted, reference)) / len(reference)
-                else:
-                    text = tokenizer.decode(greedy(model, run, logits, ANSWER_TOKENS, eos), skip_special_tokens=True)
-                    counts[f"{task}:{mode}"] += answer.lower() in text.lower()
-                if name == "full":
-                    break  # the full cache does not depend on the mode
-            if name == "full":
-                for key in [k for k in counts if k.startswith(task) and not k.endswith("decode")]:
-                    counts[key] = counts[f"{task}:decode"]
-    row.update(counts)
-    row["seconds"] = time.time() - start
+def measure(model, tokenizer, task: str, ids, answer: str, reference, logits, calls, name: str, budget: float) -> dict:
+    """One prompt under one (policy, budget), in both modes."""
+    began = time.time()
+    if name == "full":
+        cache = PrunedCache(None)
+        replay(calls, cache)
+    else:
+        cache = build_cache(parse_spec(spec_of(name, budget, model, ids.shape[1])))
+        if any(isinstance(p, KVzip) for p in cache.chain):  # scored by reconstruction forwards: no replay
+            logits = kvzip_prefill(model, ids, cache, tokenizer)[0, -1]
+        else:
+            replay(calls, cache)
+    row = {"policy": name, "budget": budget if name != "full" else 1.0, "task": task,
+           "prefill_s": round(time.time() - began, 2)}
+    for mode, slack in MODES:
+        run = copy.deepcopy(cache)
+        run.slack = slack
+        if task == "agreement":
+            row[mode] = agreement(model, run, logits, reference, one_step_at_a_time=(mode == "decode"))
+        else:
+            text = tokenizer.decode(greedy(model, run, logits, ANSWER_TOKENS, tokenizer.eos_token_id),
+                                    skip_special_tokens=True)
+            row[mode] = float(answer.lower() in text.lower())
+    row["seconds"] = round(time.time() - began, 2)
     return row
 
 
@@ -222,9 +262,6 @@ def references(model, tokenizer, tasks) -> list[list[int]]:
 def kvzip_cost(model, tokenizer, tasks, budget: float = 0.2) -> list[str]:
     """Seconds of a plain prefill (`PrunedCache(None)`) and of `kvzip_prefill`, back to back on the
     first prompt of each task (one untimed warm-up), and their ratio."""
-    from kvpress import PrunedCache
-    from kvpress.policies import KVzip, kvzip_prefill
-
     lines = ["| prompt | tokens | plain prefill s | kvzip_prefill s | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
     model(tasks["passkey"][0][0][:, :64], cache=PrunedCache(None))
     for task, items in tasks.items():
@@ -239,51 +276,66 @@ def kvzip_cost(model, tokenizer, tasks, budget: float = 0.2) -> list[str]:
     return lines
 
 
+def aggregate(rows: list[dict]) -> dict:
+    """`{(policy, budget): {"passkey:decode": count, ..., "agreement:prefill": mean, "n:passkey": prompts}}`."""
+    out: dict = {}
+    for row in rows:
+        cell = out.setdefault((row["policy"], row["budget"]), {})
+        task = row["task"]
+        cell[f"n:{task}"] = cell.get(f"n:{task}", 0) + 1
+        for mode, _ in MODES:
+            cell[f"{task}:{mode}"] = cell.get(f"{task}:{mode}", 0.0) + row[mode]
+    for cell in out.values():
+        for mode, _ in MODES:
+            if cell.get("n:agreement"):
+                cell[f"agreement:{mode}"] /= cell["n:agreement"]
+    return out
+
+
 def table(rows: list[dict]) -> list[str]:
-    """One markdown table: a row per policy, columns per budget, mode and task (counts out of the number
-    of prompts, agreement as a mean share)."""
-    by_key = {(r["policy"], r["budget"]): r for r in rows}
-    full = next((r for r in rows if r["policy"] == "full"), None)
+    """One markdown table: a row per policy, columns per budget, mode and task (answers out of the
+    prompts measured, agreement as a mean share)."""
+    cells_by_key = aggregate(rows)
     policies = [p for p in dict.fromkeys(r["policy"] for r in rows) if p != "full"]
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in rows)]
     head = ["policy"] + [f"{task} {mode} @{b}" for b in budgets for mode, _ in MODES
                          for task in ("passkey", "needle", "agree")]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+
+    def cells(cell, mode):
+        if cell is None:
+            return ["", "", ""]
+        return [f"{cell.get(f'passkey:{mode}', 0):.0f}/{cell.get('n:passkey', 0)}",
+                f"{cell.get(f'needle:{mode}', 0):.0f}/{cell.get('n:needle', 0)}",
+                f"{cell[f'agreement:{mode}']:.3f}" if cell.get("n:agreement") else ""]
+
+    full = cells_by_key.get(("full", 1.0))
     if full is not None:
-        n = full["prompts"]
-        cells = [f"{full['passkey:decode']:.0f}/{n}", f"{full['needle:decode']:.0f}/{n}", "1.000"] * (
-            len(MODES) * len(budgets))
-        lines.append("| full | " + " | ".join(cells) + " |")
+        lines.append("| full | " + " | ".join(cells(full, "decode") * (len(MODES) * len(budgets))) + " |")
     for policy in policies:
-        cells = []
+        row = []
         for budget in budgets:
-            row = by_key.get((policy, budget))
             for mode, _ in MODES:
-                if row is None:
-                    cells += ["", "", ""]
-                    continue
-                n = row["prompts"]
-                cells += [f"{row[f'passkey:{mode}']:.0f}/{n}", f"{row[f'needle:{mode}']:.0f}/{n}",
-                          f"{row[f'agreement:{mode}'] / n:.3f}"]
-        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+                row += cells(cells_by_key.get((policy, budget)), mode)
+        lines.append(f"| {policy} | " + " | ".join(row) + " |")
     return lines
 
 
 def read_rows(paths) -> list[dict]:
+    """Rows of every JSONL in `paths`, one per (policy, budget, task, prompt); the last wins."""
     rows = {}
     for path in paths:
         if Path(path).exists():
             for line in Path(path).read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    rows[(row["policy"], row["budget"])] = row
+                    rows[(row["policy"], row["budget"], row["task"], row["prompt"])] = row
     return list(rows.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i")
+    parser.add_argument("--shard", default="0/1", help="i/n: this process measures every n-th prompt from i")
     parser.add_argument("--quick", action="store_true", help="4 prompts per task instead of 12")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per task (default 12, --quick 4)")
     parser.add_argument("--doc-tokens", type=int, default=1700)
@@ -297,34 +349,42 @@ def main() -> None:
     if args.report is not None:
         print("\n".join(table(read_rows(args.report or [args.out]))))
         return
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     prompts = args.prompts or (4 if args.quick else 12)
     shard, shards = (int(x) for x in args.shard.split("/"))
-    policies = ["full"] + [p for p in args.policies.split(",") if p]
-    jobs = [(p, float(b)) for b in args.budgets.split(",") for p in policies]  # budget-major: --budgets 0.2,0.5
-    jobs = [job for job in dict.fromkeys((p, b if p != "full" else 1.0) for p, b in jobs)]
-    done = {(r["policy"], r["budget"]) for r in read_rows([args.out])}
-    jobs = [job for i, job in enumerate(jobs) if i % shards == shard and job not in done]
     model, tokenizer = load_model("smollm2")
     tasks = build_tasks(tokenizer, prompts, args.doc_tokens)
     if args.kvzip_cost:
         print("\n".join(kvzip_cost(model, tokenizer, tasks)))
         return
+    jobs = [("full", 1.0)] + [(p, float(b)) for b in args.budgets.split(",") for p in args.policies.split(",") if p]
     lengths = [ids.shape[1] for items in tasks.values() for ids, _ in items]
-    print(f"{prompts} prompts per task, {min(lengths)}-{max(lengths)} tokens; {len(jobs)} jobs", flush=True)
+    print(f"{prompts} prompts per task, {min(lengths)}-{max(lengths)} tokens; {len(jobs)} (policy, budget) "
+          f"pairs; shard {shard}/{shards}", flush=True)
     saved = Path(args.out).with_suffix(f".references-{prompts}x{args.doc_tokens}.json")
     refs = json.loads(saved.read_text()) if saved.exists() else references(model, tokenizer, tasks)
     saved.write_text(json.dumps(refs))
-    del model
-    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(prompts, args.doc_tokens, refs)) as pool:
-        for row in pool.map(run_job, jobs):
-            if "error" in row:
-                print(f"FAILED {row}", flush=True)
+    done = {(r["policy"], r["budget"], r["task"], r["prompt"]) for r in read_rows([args.out])}
+    # prompt-major (passkey 0, needle 0, agreement 0, passkey 1, ...): a partial run covers every task alike
+    items = [(task, index, *tasks[task][index]) for index in range(prompts) for task in tasks]
+    for position, (task, index, ids, answer) in enumerate(items):
+        if position % shards != shard:
+            continue
+        todo = [(name, budget) for name, budget in jobs if (name, budget, task, index) not in done]
+        if not todo:
+            continue
+        logits, calls = record_prefill(model, ids)
+        reference = refs[index] if task == "agreement" else None
+        for name, budget in todo:
+            try:
+                row = measure(model, tokenizer, task, ids, answer, reference, logits, calls, name, budget)
+            except Exception as error:  # noqa: BLE001 - reported, never written as a result; the others go on
+                print(f"FAILED {name}@{budget} {task} {index}: {error!r}", flush=True)
                 continue
+            row["prompt"] = index
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+        print(f"{task} {index}: {len(todo)} (policy, budget) pairs measured", flush=True)
     print("\n".join(table(read_rows([args.out]))))
 
 

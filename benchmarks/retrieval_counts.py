@@ -6,7 +6,8 @@ recorded in tests/test_real_model.py come from this command:
     OMP_NUM_THREADS=1 python benchmarks/retrieval_counts.py [--shard i/n]
 
 `--policies 'snapkv;kvcompose'` runs those spec names at budgets 0.5 and 0.2 (plus the full cache)
-instead of the recorded configurations (policies measured here but not recorded by the test).
+instead of the recorded configurations (policies measured here but not recorded by the test);
+`--specs 'lazyllm;lazyllm:schedule=0.5:0.7/0.75:0.5'` runs those whole spec strings (plus the full cache).
 """
 
 import argparse
@@ -26,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th configuration starting at i")
     parser.add_argument("--policies", default=None, help="semicolon-separated spec names to run instead")
+    parser.add_argument("--specs", default=None, help="semicolon-separated whole spec strings to run instead")
     args = parser.parse_args()
     index, count = map(int, args.shard.split("/"))
     configs = policy_configs()
@@ -34,6 +36,8 @@ def main() -> None:
         for budget in (0.5, 0.2):
             configs.update({f"{name}@{budget}": f"{name}{',' if ':' in name else ':'}budget={budget}"
                             for name in args.policies.split(";")})
+    if args.specs is not None:
+        configs = {"full": "full", **{spec: spec for spec in args.specs.split(";")}}
     model, tokenizer = load_model("smollm2")
     for position, (name, spec_text) in enumerate(configs.items()):
         if position % count != index:

@@ -70,8 +70,9 @@ def grouped_attention(
     weights: torch.Tensor | None = None,  # [q] fp32 row weights of the mass; None: no mass
     want_output: bool = True,
     chunk_elements: int = CHUNK_ELEMENTS,
-    positions: torch.Tensor | None = None,  # [B, Hkv, S] long, with `window`
+    positions: torch.Tensor | None = None,  # [B, Hkv, S] long, with `window` or `query_positions`
     window: int | None = None,  # sliding window: a query at position p sees positions > p - window
+    query_positions: torch.Tensor | None = None,  # [B, q] long: causal order by position, not by slot
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Causal grouped-query attention with a per-slot validity mask.
 
@@ -84,14 +85,17 @@ def grouped_attention(
     one difference: uniform here, zeros there; a layer's own new token is always visible, except
     in a KV head that holds no valid slot at all (`SlotStore.switch_off_heads`): its query heads output
     zeros and add no mass on both paths.
+
+    With `query_positions`, a query sees the slots whose position is at most its own, wherever they
+    are stored (LazyLLM appends revived tokens after newer ones); the PyTorch path computes it.
     """
-    if query.is_cuda and window is None:
+    if query.is_cuda and window is None and query_positions is None:
         from kvpress.triton_kernels import attention_signals
 
         if use_triton(query):
             return attention_signals(query, key, value, slot_valid, scaling=scaling, softcap=softcap,
                                      query_valid=query_valid, weights=weights, want_output=want_output)
-    if query.shape[2] == 1 and window is None and query_valid is None:
+    if query.shape[2] == 1 and window is None and query_valid is None and query_positions is None:
         return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output)
     kf, vf = key.float(), value.float()
     return _chunked_attention(
@@ -99,11 +103,12 @@ def grouped_attention(
         lambda queries, visible: torch.matmul(queries, kf[:, :, :visible].transpose(-1, -2)),
         lambda probs, visible: torch.matmul(probs, vf[:, :, :visible]),
         slot_valid, scaling=scaling, softcap=softcap, query_valid=query_valid, weights=weights,
-        want_output=want_output, chunk_elements=chunk_elements, positions=positions, window=window)
+        want_output=want_output, chunk_elements=chunk_elements, positions=positions, window=window,
+        query_positions=query_positions)
 
 
 def _chunked_attention(query, slots, logits_of, output_of, slot_valid, *, scaling, softcap, query_valid, weights,
-                       want_output, chunk_elements, positions, window):
+                       want_output, chunk_elements, positions, window, query_positions=None):
     """`grouped_attention` over any key/value reader, in chunks of complete query rows: `logits_of(queries
     [B, Hkv, G * c, D] fp32, V)` returns their products with the first `V` keys, `output_of(probs [B,
     Hkv, G * c, V], V)` the probabilities times the first `V` values."""
@@ -125,17 +130,24 @@ def _chunked_attention(query, slots, logits_of, output_of, slot_valid, *, scalin
         stop = min(q_len, start + chunk)
         rows = stop - start
         # no row of this chunk sees past its last query's slot: skip those keys (the causal triangle)
-        visible = slots - q_len + stop
+        visible = slots - q_len + stop if query_positions is None else slots
         queries = qf[:, :, :, start:stop].reshape(batch, kv_heads, group * rows, dim)
         logits = logits_of(queries, visible).mul_(scaling)
         logits = logits.view(batch, kv_heads, group, rows, visible)
         if softcap is not None:
             logits = torch.tanh(logits / softcap).mul_(softcap)
         last_visible = slots - q_len + torch.arange(start, stop, device=device)  # [c]
-        hidden = (slot_index[:visible] > last_visible[:, None]) | hidden_slots[..., :visible]  # [B,Hkv,1,c,V]
+        if query_positions is None:
+            hidden = (slot_index[:visible] > last_visible[:, None]) | hidden_slots[..., :visible]  # [B,Hkv,1,c,V]
+        else:
+            later = positions[:, :, None, None, :] > query_positions[:, None, None, start:stop, None]
+            hidden = later | hidden_slots
         if window is not None:
-            query_positions = positions[:, :, slots - q_len + start:slots - q_len + stop]  # [B, Hkv, c]
-            too_old = positions[:, :, None, :visible] <= query_positions[..., None] - window  # [B, Hkv, c, V]
+            if query_positions is None:  # the queries are the last q slots
+                rows_at = positions[:, :, slots - q_len + start:slots - q_len + stop]  # [B, Hkv, c]
+            else:
+                rows_at = query_positions[:, None, start:stop]  # [B, 1, c]
+            too_old = positions[:, :, None, :visible] <= rows_at[..., None] - window  # [B, Hkv, c, V]
             hidden = hidden | too_old[:, :, None]
         probs = torch.softmax(logits.masked_fill_(hidden, fill), dim=-1)
         if query_valid is not None:
@@ -168,6 +180,7 @@ def quantized_attention(
     want_output: bool = True,
     positions: torch.Tensor | None = None,
     window: int | None = None,
+    query_positions: torch.Tensor | None = None,
     block_elements: int | None = None,  # default QUANTIZED_BLOCK_ELEMENTS
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`grouped_attention` over a KIVI-quantized layer without dequantizing the layer: keys are
@@ -177,7 +190,7 @@ def quantized_attention(
     sliding window) runs the quantized decode kernel (`triton_kernels/quantization.py`), which reads the
     packed codes directly; it returns the logits and their log-sum-exp, from which the mass follows."""
     batch, _, q_len, dim = query.shape
-    if (q_len == 1 and softcap is None and window is None and query_valid is None
+    if (q_len == 1 and softcap is None and window is None and query_valid is None and query_positions is None
             and use_triton(query, QUANTIZED_DECODE_BACKEND)):
         return _quantized_decode(query, store, slot_valid, scaling, weights, want_output)
     block_elements = block_elements or QUANTIZED_BLOCK_ELEMENTS
@@ -200,7 +213,8 @@ def quantized_attention(
 
     return _chunked_attention(query, store.num_slots, logits_of, output_of, slot_valid, scaling=scaling,
                               softcap=softcap, query_valid=query_valid, weights=weights, want_output=want_output,
-                              chunk_elements=CHUNK_ELEMENTS, positions=positions, window=window)
+                              chunk_elements=CHUNK_ELEMENTS, positions=positions, window=window,
+                              query_positions=query_positions)
 
 
 def _quantized_decode(query, store, slot_valid, scaling, weights, want_output):
@@ -303,17 +317,20 @@ def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None
 
 
 def attend(layer, original, module, query, key, value, attention_mask, args, kwargs,
-           request: AttentionRequest | None, phase: str, new_valid: torch.Tensor | None):
+           request: AttentionRequest | None, phase: str, new_valid: torch.Tensor | None, layout=None):
     """One forward's attention for a pruned layer, and the signals its policy asked for.
 
     The model's own function runs when the slots are an exact causal prefix its mask describes (no slot
     was ever invalid, the mask has this layer's columns, and a sliding-window layer never evicted out
     of order) and the policy needs no signal over every row; window rows are then recomputed from the
     last queries. Otherwise `grouped_attention` runs with validity (and the sliding window) from the
-    slots. Returns `(output as the model's function returns it, Signals)`."""
+    slots; with a `TokenLayout` (kvpress/slots.py) it also runs with the layout's validity and causal
+    order by position. Returns `(output as the model's function returns it, Signals)`."""
     q = query.shape[2]
     slots = layer.slots
     window = layer.sliding_window
+    if layout is not None:  # a policy chose the tokens (LazyLLM): validity and order come from the layout
+        return _attend_layout(layer, original, module, query, key, value, args, kwargs, request, phase, layout)
     # the model's mask describes the slots while they are the exact prefix it was built for (padding
     # included); after an eviction or a dropped slot, validity and positions come from the slots
     # quantized storage is read from its store (transformers got shape-only placeholders)
@@ -370,3 +387,40 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
         output = (out, None)
     return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0], query=query,
                            module=module)
+
+
+def _attend_layout(layer, original, module, query, key, value, args, kwargs, request, phase, layout):
+    """`attend` for tokens a policy laid out itself: padding rows from `layout.valid`, and each query sees
+    the slots at or before its position. Real tokens in order in a layer that held nothing before are
+    plain causal attention: SDPA computes it (as fast as the model's own path), and only the rows the
+    policy asked for are recomputed for their mass."""
+    q = query.shape[2]
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    slots = layer.slots
+    weights = row_weights(q, request.rows, request.decay, query.device) if request else None
+    if slots.quantized is not None:  # transformers got placeholders: read the store
+        out, mass = quantized_attention(query, slots.quantized, slots.valid, scaling=scaling, softcap=softcap,
+                                        query_valid=layout.valid, weights=weights, positions=slots.positions,
+                                        window=layer.sliding_window, query_positions=layout.positions)
+        return (out, None), Signals(phase=phase, q=q, request=request, mass=mass, output=out, query=query,
+                                    module=module)
+    causal = layout.ordered and slots.used == q and layer.sliding_window is None
+    if causal and getattr(module.config, "_attn_implementation", None) == "sdpa" and (
+            request is None or (request.rows is not None and request.rows < q)):
+        output = original(module, query, key, value, None, *args, **kwargs)  # SDPA: causal when mask is None
+        mass = None
+        if request is not None:
+            rows = request.rows
+            _, mass = grouped_attention(query[:, :, -rows:], key, value, slots.valid, scaling=scaling,
+                                        softcap=softcap, weights=row_weights(rows, None, request.decay, key.device),
+                                        want_output=False)
+        return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0], query=query,
+                               module=module)
+    out, mass = grouped_attention(query, key, value, slots.valid, scaling=scaling, softcap=softcap,
+                                  query_valid=layout.valid, weights=weights, positions=slots.positions,
+                                  window=layer.sliding_window, query_positions=layout.positions)
+    return (out, None), Signals(phase=phase, q=q, request=request, mass=mass, output=out, query=query,
+                                module=module)

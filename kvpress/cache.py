@@ -78,7 +78,9 @@ class PrunedCache(Cache):
 
     def _build_layers(self, config) -> None:
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        every_layer_slides = all(kind in SLIDING_TYPES for kind in layer_types)
+        # a policy that lays out the tokens of a layer itself (LazyLLM) needs every layer to be one of ours
+        every_layer_slides = all(kind in SLIDING_TYPES for kind in layer_types) or getattr(
+            self.policy, "runs_decoder_layers", False)
         layers = []
         for index, (kind, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
             if kind == "full_attention":
@@ -98,9 +100,14 @@ class PrunedCache(Cache):
         self._last_layer = layer_idx
         if self.prefill_pending and key_states.shape[-2] == 1:
             self.end_prefill()
+        return self.layer_at(layer_idx).update(key_states, value_states, *args, **kwargs)
+
+    def layer_at(self, layer_idx: int):
+        """Layer `layer_idx`, created (as a `PrunedLayer`) with the ones before it if the cache has not
+        reached it yet."""
         while len(self.layers) <= layer_idx:
             self.layers.append(PrunedLayer(self, len(self.layers)))
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        return self.layers[layer_idx]
 
     def end_prefill(self) -> None:
         """Run a pending cross-layer allocation now. The cache calls it at the first decoding step;
@@ -180,7 +187,8 @@ class PrunedCache(Cache):
         return False
 
     def report(self) -> CacheReport:
-        """Per-layer tokens seen, slots kept, bytes held and evictions; totals and kept/seen ratio. A policy
+        """Per-layer tokens seen, slots kept, bytes held and evictions; the bytes of policy state kept across
+        layers (LazyLLM's auxiliary cache, SpAtten's cascade); totals and kept/seen ratio. A policy
         of the chain that evicts whole blocks (one with `block_size_of(layer)`, PagedEviction) adds the
         block size of each pruned layer, so the report also counts the blocks held."""
         rows = [_layer_report(i, layer) for i, layer in enumerate(self.layers)]
@@ -189,4 +197,4 @@ class PrunedCache(Cache):
             rows = [replace(row, block_size=paged.block_size_of(layer))
                     if isinstance(layer, PrunedLayer) and layer.is_initialized else row
                     for row, layer in zip(rows, self.layers)]
-        return CacheReport(rows)
+        return CacheReport(rows, shared_bytes=sum(state.nbytes for state in self.shared.values()))

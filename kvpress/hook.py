@@ -1,4 +1,6 @@
-"""The attention hook: a wrapper around whatever attention function transformers resolves.
+"""The attention hook, a wrapper around whatever attention function transformers resolves, and the
+decoder-layer hook, through which a policy that changes what the model computes (LazyLLM) runs
+each decoder layer.
 
 `AttentionInterface.get_interface` is patched once (idempotent, reversible) so that every attention
 function a model resolves, the model's own eager function included, is wrapped. The wrapper is a
@@ -14,6 +16,7 @@ import threading
 import weakref
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import AttentionInterface
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -89,11 +92,24 @@ def _wrap(original):
 
 _wrappers: dict = {}
 _original_get_interface = None
+_original_layer_call = None
+
+
+def _decoder_layer_call(module, *args, **kwargs):
+    """Every decoder layer of transformers' models (`GradientCheckpointingLayer`) is called through here:
+    a cache whose policy runs decoder layers itself (`runs_decoder_layers`) gets the call, anything
+    else goes to the module as usual. Decoder layers receive the cache as the `cache` keyword."""
+    cache = kwargs.get("cache")
+    policy = getattr(cache, "policy", None)
+    if policy is not None and getattr(policy, "runs_decoder_layers", False):
+        return policy.run_decoder_layer(cache, module, _original_layer_call, args, kwargs)
+    return _original_layer_call(module, *args, **kwargs)
 
 
 def install() -> None:
-    """Wrap every attention function transformers resolves from now on. Idempotent."""
-    global _original_get_interface
+    """Wrap every attention function transformers resolves from now on, and route decoder-layer calls
+    through `_decoder_layer_call`. Idempotent."""
+    global _original_get_interface, _original_layer_call
     if _original_get_interface is not None:
         return
     _original_get_interface = AttentionInterface.get_interface
@@ -103,12 +119,18 @@ def install() -> None:
 
     get_interface.__wrapped__ = _original_get_interface
     AttentionInterface.get_interface = get_interface
+    _original_layer_call = GradientCheckpointingLayer.__call__
+    GradientCheckpointingLayer.__call__ = _decoder_layer_call
 
 
 def uninstall() -> None:
-    """Restore transformers' own `get_interface`."""
-    global _original_get_interface
+    """Restore transformers' own `get_interface` and decoder-layer call."""
+    global _original_get_interface, _original_layer_call
     if _original_get_interface is None:
         return
     AttentionInterface.get_interface = _original_get_interface
-    _original_get_interface = None
+    if _original_layer_call is torch.nn.Module.__call__:
+        del GradientCheckpointingLayer.__call__  # inherited again
+    else:
+        GradientCheckpointingLayer.__call__ = _original_layer_call
+    _original_get_interface = _original_layer_call = None

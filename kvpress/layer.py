@@ -20,7 +20,7 @@ from kvpress import attention, hook
 from kvpress.eviction import after_attention, make_room
 from kvpress.policy import DECODE, PREFILL
 from kvpress.report import LayerReport
-from kvpress.slots import SlotStore
+from kvpress.slots import SlotStore, TokenLayout
 from kvpress.state import Allocation, ScoreState, State
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +50,7 @@ class PrunedLayer(DynamicLayer):
         self.tokens_since_eviction = 0  # tokens written since the last eviction (host-side: slack, storage bounds)
         self.keys = self.values = None
         self.is_initialized = False
+        self.layout: TokenLayout | None = None  # the next forward's tokens, when a policy lays them out
 
     # ---- what policies read ----
     keys = property(lambda self: self.slots.keys if self.slots is not None else None, lambda self, v: None)
@@ -105,10 +106,10 @@ class PrunedLayer(DynamicLayer):
         q = key_states.shape[-2]
         make_room(self, q)
         self.tokens_since_eviction += q
-        keys, values = self.slots.append(key_states, value_states)
+        keys, values = self.slots.append(key_states, value_states, self.layout)
         for state in self.states.values():
             state.append_slots(q, self.slots.capacity)
-        self.seen += q
+        self.seen += q if self.layout is None else self.layout.seen_new
         hook.leave_handoff(hook.Handoff(self.cache, self.cache.forward_index, self, keys))
         return keys, values
 
@@ -161,13 +162,16 @@ class PrunedLayer(DynamicLayer):
         batch, _, q, _ = query.shape
         phase = PREFILL if q > 1 else DECODE
         # generate extends the mask with ones while decoding: one new token is always real
-        new_valid = attention.new_token_validity(attention_mask, batch, q) if q > 1 else None  # [B, q] or None
+        layout, self.layout = self.layout, None
+        new_valid = None
+        if q > 1 and layout is None:
+            new_valid = attention.new_token_validity(attention_mask, batch, q)  # [B, q] or None
         if new_valid is not None:
             self.slots.mark_new_tokens(new_valid)
         policy = self.cache.policy
         request = policy.request(phase) if policy is not None else None
         output, signals = attention.attend(self, original, module, query, key, value, attention_mask, args,
-                                           kwargs, request, phase, new_valid)
+                                           kwargs, request, phase, new_valid, layout)
         if policy is not None:
             policy.update(self, signals)
         after_attention(self, phase)

@@ -364,6 +364,9 @@ class Wrapper(EvictionPolicy):
             raise ValueError(f"{type(self).__name__}: inner must be a policy, got {self.inner!r}")
         for policy in self.inner.chain():
             problem = self.refuse(policy)
+            if getattr(policy, "runs_decoder_layers", False):
+                problem = (f"{type(policy).__name__} prunes what the model computes and never evicts from the cache, "
+                           "so there is nothing to rescore or reallocate; use it alone")
             if problem:
                 raise CompositionError(f"{type(self).__name__}({type(self.inner).__name__}(...)): {problem}")
 

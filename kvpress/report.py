@@ -29,13 +29,15 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class CacheReport:
-    """Per-layer rows plus totals: `total_bytes` and `ratio` (slots kept / tokens seen)."""
+    """Per-layer rows plus totals: `total_bytes` (layers and `shared_bytes`) and `ratio` (slots kept /
+    tokens seen)."""
 
     layers: list[LayerReport] = field(default_factory=list)
+    shared_bytes: int = 0  # policy state kept across layers (LazyLLM's hidden states, SpAtten's cascade)
 
     @property
     def total_bytes(self) -> int:
-        return sum(row.bytes for row in self.layers)
+        return sum(row.bytes for row in self.layers) + self.shared_bytes
 
     @property
     def ratio(self) -> float:
@@ -56,5 +58,7 @@ class CacheReport:
             if paged:
                 blocks = f" {row.blocks:>6} {row.block_size:>5}" if row.block_size is not None else f" {'-':>6} {'-':>5}"
             lines.append(f"{row.layer:>5} {row.seen:>8} {row.kept:>8} {row.bytes:>12,} {row.evictions:>9}{blocks}{tag}")
+        if self.shared_bytes:
+            lines.append(f"policy state across layers {self.shared_bytes:,} bytes")
         lines.append(f"total bytes {self.total_bytes:,}; kept/seen {self.ratio:.3f}")
         return "\n".join(lines)

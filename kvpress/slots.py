@@ -21,6 +21,8 @@ are dequantized only when a policy reads them during a forward (placeholders bet
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvpress.quant import KVQuant, QuantizedStore
@@ -33,6 +35,23 @@ def _grow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
     grown = buffer.new_empty(*buffer.shape[:2], capacity, *buffer.shape[3:])
     grown[:, :, :used] = buffer[:, :, :used]
     return grown
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """What the `q` tokens of the next write are, when a policy feeds a layer something other than the
+    forward's tokens in order (LazyLLM: a subset of them, and older tokens revived from hidden states):
+    `positions [B, q]` each token's index among its row's real tokens (-1 for padding), `valid [B, q]`,
+    `real_new [B]` how many of them the row has never seen (its real-token count grows by that),
+    `seen_new` the tokens the forward gave (the layer's logical length grows by that), and `ordered`
+    (host-side) whether they are all real and in position order, so that a layer that held nothing
+    before attends them with plain causal attention."""
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    real_new: torch.Tensor
+    seen_new: int
+    ordered: bool = False
 
 
 class SlotStore:
@@ -141,9 +160,10 @@ class SlotStore:
         for name in self.BUFFERS:
             setattr(self, name, _grow(getattr(self, name), self.used, capacity))
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               layout: TokenLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `q` new tokens after the used slots, provisionally all real (`mark_new_tokens` corrects
-        padding); return the keys and values attention reads this forward."""
+        padding), or as `layout` describes them; return the keys and values attention reads this forward."""
         batch, heads, q = key_states.shape[:3]
         start = self.used
         self._new_tokens = q
@@ -166,8 +186,14 @@ class SlotStore:
         new_valid.fill_(True)
         if self.heads_off is not None:
             new_valid &= ~self.heads_off[..., None]
-        offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
-        self._positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
+        if layout is not None:
+            new_valid &= layout.valid[:, None, :]
+            self._positions[:, :, start:start + q] = layout.positions[:, None, :]
+            self.real_seen = self._real_before + layout.real_new
+            self.exact_prefix = False  # slots no longer follow the model's mask columns
+        else:
+            offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
+            self._positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         if self.ragged is not None:
             self._ragged_view = self.ragged.view(self.used)
         if self.quantized is not None:  # attention reads the store itself

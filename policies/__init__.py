@@ -11,6 +11,7 @@ from kvpress.policies.knorm import Knorm
 from kvpress.policies.kvcompose import KVCompose
 from kvpress.policies.paged_eviction import PagedEviction
 from kvpress.policies.kvzip import KVzip, ReconstructionPrompt, kvzip_prefill
+from kvpress.policies.lazyllm import LazyLLM
 from kvpress.policies.pyramidkv import PyramidKV
 from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policies.random_policy import RandomPolicy
@@ -41,6 +42,7 @@ REGISTRY = {
     "expectedattention": ExpectedAttention,
     "span": Span,
     "kvzip": KVzip,
+    "lazyllm": LazyLLM,
 }
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "GraphKV",
     "KVCompose",
     "KVzip",
+    "LazyLLM",
     "Knorm",
     "PagedEviction",
     "PyramidKV",

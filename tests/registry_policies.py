@@ -19,6 +19,8 @@ def make_policy(name: str, budget, *, never_evicts: bool = False):
         return cls(SnapKV(budget=budget, window=2, kernel=3), memory=2500, bits=4, per_layer=True, group_size=8)
     if issubclass(cls, Wrapper):
         return cls(SnapKV(budget=budget, window=2, kernel=3))
+    if getattr(cls, "runs_decoder_layers", False):  # LazyLLM: prunes the computation, never the cache
+        return cls(schedule=((1, 1.0 if never_evicts else (budget if isinstance(budget, float) else 0.5)),))
     if issubclass(cls, SpAtten) and never_evicts:
         return cls(budget=budget, window=2, head_keep=1.0)
     fields = {"budget": budget}

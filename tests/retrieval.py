@@ -118,10 +118,12 @@ E2E_POLICIES = ("h2o", "snapkv", "tova", "knorm", "streamingllm", "random", "a2s
 
 def policy_configs() -> dict[str, str]:
     """`name@budget -> spec string` (kvpress.spec) of every configuration the end-to-end test records,
-    at budgets 0.5 and 0.2; wrappers around the inner policy their paper uses."""
+    at budgets 0.5 and 0.2; wrappers around the inner policy their paper uses; LazyLLM with its default
+    schedule."""
     configs = {"full": "full"}
     for budget in (0.5, 0.2):
         configs.update({f"{name}@{budget}": f"{name}:budget={budget}" for name in E2E_POLICIES})
+    configs["lazyllm"] = "lazyllm"  # its default schedule: a share of the computation, not of the cache
     return configs
 
 

@@ -27,7 +27,9 @@ def build(wrapper: str, inner: str):
 
 def spec_text(wrapper: str, inner: str) -> str:
     inner_text = f"{inner}(snapkv)" if issubclass(REGISTRY[inner], Wrapper) else inner
-    params = "budget=10,window=2" + (",memory=2500,bits=4,group_size=8,per_layer=true" if "quantizedpruning" in
+    # LazyLLM has a schedule, not a budget
+    budgeted = not getattr(REGISTRY[inner], "runs_decoder_layers", False)
+    params = ("budget=10,window=2" if budgeted else "schedule=1:0.5") + (",memory=2500,bits=4,group_size=8,per_layer=true" if "quantizedpruning" in
                             (wrapper, inner) else "")
     return f"{wrapper}({inner_text}):{params}"
 

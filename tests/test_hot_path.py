@@ -18,7 +18,10 @@ from kvpress import PrunedCache
 from kvpress.policies import REGISTRY, QuantizedPruning
 
 SYNCS = {"_local_scalar_dense", "is_nonzero", "nonzero", "item"}
-NAMES = sorted(name for name, cls in REGISTRY.items() if not issubclass(cls, QuantizedPruning))
+# LazyLLM is left out by design: how many stopped tokens a decoding step revives is data-dependent, so it
+# reads counts on the host at its pruning layers (policies/lazyllm.py; tests/test_lazyllm.py covers it)
+NAMES = sorted(name for name, cls in REGISTRY.items()
+               if not issubclass(cls, QuantizedPruning) and not getattr(cls, "runs_decoder_layers", False))
 
 
 class OpCounter(TorchDispatchMode):

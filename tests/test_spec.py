@@ -130,6 +130,10 @@ def test_every_registered_policy_parses():
     for name, cls in REGISTRY.items():
         if any(f == "inner" for f in getattr(cls, "__dataclass_fields__", {})):
             continue
+        if getattr(cls, "runs_decoder_layers", False):  # LazyLLM: a schedule instead of a budget
+            spec = parse_spec(f"{name}:schedule=2:0.7/0.5:0.5")
+            assert isinstance(spec.policy, cls) and spec.policy.schedule == ((2, 0.7), (0.5, 0.5))
+            continue
         spec = parse_spec(f"{name}:budget=0.5")
         assert isinstance(spec.policy, cls) and spec.budget == 0.5
     assert isinstance(parse_spec("full"), CacheSpec)

@@ -87,7 +87,9 @@ def test_beam_search_runs_and_equals_dynamic_cache_when_nothing_is_evicted(model
     evicting = PrunedCache(make_policy(name, 12))
     out = generate(model, ids, evicting, **settings)
     assert out.shape == reference.shape
-    assert all(layer.valid.sum(-1).max() < layer.seen for layer in evicting.layers)
+    # LazyLLM (schedule at layer 1) computes every token in layers 0 and 1 and fewer above
+    pruned = evicting.layers[2:] if getattr(evicting.policy, "runs_decoder_layers", False) else evicting.layers
+    assert all(layer.valid.sum(-1).max() < layer.seen for layer in pruned)
 
 
 def test_the_attention_handoff_keeps_no_cache_alive_after_an_exception(model):

@@ -76,6 +76,32 @@ def test_context_is_compressed_before_the_question_is_seen(tiny):
     assert out.cache.tokens_seen == len(encoded.input_ids) + out.new_tokens - 1
 
 
+@pytest.mark.parametrize("question_agnostic", [False, True])
+def test_kvzip_runs_through_the_harness_with_its_reconstruction(tiny, question_agnostic):
+    from kvpress.policies import KVzip
+
+    model, tokenizer = tiny
+    encoded = _hotpot_input(tokenizer)
+    context_end = encoded.context_end if question_agnostic else None
+    caches = []
+
+    def make_cache():
+        caches.append(PrunedCache(KVzip(budget=0.3), config=model.config))
+        return caches[-1]
+
+    out = gen.generate(model, tokenizer, encoded.input_ids, gen.GenerationSettings(max_new_tokens=4), make_cache,
+                       context_end=context_end)
+    layer = caches[0].layers[0]
+    assert layer.seen == len(encoded.input_ids) + out.new_tokens - 1
+    compressed = context_end if question_agnostic else len(encoded.input_ids) - 1
+    # global allocation: layers and heads differ, their mean holds the budget (plus what came after it)
+    layers = caches[0].pruned_layers()
+    mean = sum(int(layer.valid.sum()) for layer in layers) / sum(layer.num_heads for layer in layers)
+    assert mean <= 0.3 * compressed + len(encoded.input_ids) - compressed + out.new_tokens
+    # the reconstruction scored every compressed slot (a plain forward would have raised at decoding)
+    assert int(layer.score_state().prompt_tokens.max()) == compressed
+
+
 def _v2_folder(tmp_path):
     tmp_path.mkdir(parents=True, exist_ok=True)
     records = [{"_id": "v0", "domain": "Single-Document QA", "sub_domain": "x", "difficulty": "easy",
