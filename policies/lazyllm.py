@@ -169,7 +169,7 @@ class LazyLLM(EvictionPolicy):
             output = call(module, hidden, *args[1:], **kwargs)
             state.computed += state.forward_tokens
         else:
-            output = self._run_work(state, cache, module, call, hidden, kwargs, index)
+            output = self._run_work(state, cache, module, call, hidden, kwargs, index, layer_types)
         keep = self.pruning_layers(num_layers, layer_types).get(index)
         if keep is not None:
             self._select(state, cache.layer_at(index), output, keep, index)
@@ -204,11 +204,11 @@ class LazyLLM(EvictionPolicy):
         state.forward = (tokens, valid, positions, rope.expand(batch, tokens))
         state.real_seen = state.real_seen + valid.sum(-1)
         state.forward_tokens = int(valid.sum())
-        state.dense += state.forward_tokens * _num_layers(attention_module)
+        state.dense += state.forward_tokens * _depth(attention_module)[0]
         state.work = None
         state.importance = None
 
-    def _run_work(self, state: LazyState, cache, module, call, hidden, kwargs, index):
+    def _run_work(self, state: LazyState, cache, module, call, hidden, kwargs, index, layer_types):
         """The decoder layer on the working set; returns the forward's hidden states with the working
         set's own tokens updated (the others keep the state they stopped with)."""
         work = state.work
@@ -217,7 +217,6 @@ class LazyLLM(EvictionPolicy):
         layer.layout = TokenLayout(work.positions, work.valid, forward_valid.sum(-1), tokens, state.ordered)
         kwargs["attention_mask"] = None  # the layout carries validity and causal order
         kwargs["position_ids"] = work.rope
-        layer_types = _depth(module.self_attn)[1]
         if hasattr(state.rotary, "layer_types"):  # one rotary per layer type (Gemma 3: local and global bases)
             kwargs["position_embeddings"] = state.rotary(work.hidden, work.rope, layer_types[index])
         else:
@@ -331,10 +330,6 @@ class LazyLLM(EvictionPolicy):
         computations)."""
         state = cache.shared.get(cache.depth_of(self))
         return 0.0 if state is None or not state.dense else 1.0 - state.computed / state.dense
-
-
-def _num_layers(module) -> int:
-    return module.config.num_hidden_layers
 
 
 def _depth(module) -> tuple[int, tuple | None]:
