@@ -6,8 +6,10 @@ counts plus the cache's slack, and the layer compacts slots and every policy sta
 gather, into storage sized for the decoding that follows. While decoding (one new token) the
 eviction makes no host sync and moves no data: every `slack + 1` steps (a host-side count) the policy
 ranks the slots and the ones it does not keep become holes (`SlotStore.drop`); the layer squeezes
-the holes out with one gather only when its storage is full (`make_room`). Quantized layers keep
-compacting at every eviction (their key groups span consecutive slots). When the policy's heads keep
+the holes out with one gather only when its storage is full (`make_room`). Quantized layers drop in
+place at every eviction once their store exists (prefill chunks included); after the forward's flush,
+`fit_quantized` cuts each region (quantized, residual) to the slots a (row, head) may hold, sized from
+host counts, so a quantized decoding step makes no sync either. When the policy's heads keep
 different numbers of slots (`per_head_storage`), every compaction lays keys and values out per head
 (kvpress/ragged.py), sized at prefill from the counts kept and while decoding from host-side bounds.
 
@@ -41,7 +43,8 @@ def after_attention(layer: PrunedLayer, phase: str) -> None:
     """Evict what `layer`'s sliding window (first) and policy (then) no longer keep after this forward."""
     cache = layer.cache
     policy = cache.policy
-    in_place = phase == DECODE and layer.slots.quantized is None
+    # quantized storage is kept by `fit_quantized` after the forward's flush, so it drops in place too
+    in_place = phase == DECODE or layer.slots.quantized is not None
     if layer.sliding_window is not None and layer.seen >= layer.sliding_window:
         if in_place:
             oldest = layer.real_seen[:, None, None] - (layer.sliding_window - 1)
@@ -102,12 +105,8 @@ def make_room(layer: PrunedLayer, q: int) -> None:
         return
     policy = layer.cache.policy
     if not slots.exact_prefix and policy is not None:
-        # each (row, head) held at most the policy's bound at the last eviction, plus what came since
         since = layer.tokens_since_eviction
-        bound = policy.slot_bound(layer) + since
-        if layer.sliding_window is not None:
-            bound = min(bound, layer.sliding_window - 1)
-        width = min(slots.used, bound)
+        width = min(slots.used, held_bound(layer))
         # valid slots first, in slot (temporal) order; a host bound, so no sync
         order = torch.argsort((~slots.valid).to(torch.int8), dim=-1, stable=True)[..., :width]
         if stores_per_head(layer):
@@ -125,8 +124,53 @@ def make_room(layer: PrunedLayer, q: int) -> None:
         slots.reserve(grow)
 
 
+def held_bound(layer: PrunedLayer) -> int:
+    """A host-side bound of the valid slots any (row, head) holds: the policy's bound at the last
+    eviction plus the tokens written since (and the sliding window's, for a sliding layer)."""
+    policy = layer.cache.policy
+    bound = layer.num_slots if policy is None else policy.slot_bound(layer) + layer.tokens_since_eviction
+    if layer.sliding_window is not None:
+        bound = min(bound, layer.sliding_window - 1)
+    return bound
+
+
+def fit_quantized(layer: PrunedLayer) -> None:
+    """After a quantized layer's forward (its flush included): when a region (quantized or residual)
+    has more slots than a (row, head) may hold valid ones, keep that many, valid ones first, in slot
+    order, so its holes go; heads that hold fewer keep some holes. Sized from host counts: no sync."""
+    slots = layer.slots
+    store = slots.quantized
+    if store is None:
+        return
+    bound = held_bound(layer)
+    nq, nr = store.quantized_slots, store.residual_keys.shape[-2]
+    keep_q, keep_r = min(nq, bound), min(nr, bound)
+    if keep_q == nq and keep_r == nr:
+        return
+    valid = slots.valid
+    parts = []
+    for start, stop, width in ((0, nq, keep_q), (nq, nq + nr, keep_r)):
+        if width == stop - start:
+            parts.append(torch.arange(start, stop, device=valid.device).expand(*valid.shape[:2], -1))
+            continue
+        order = torch.argsort((~valid[..., start:stop]).to(torch.int8), dim=-1, stable=True)[..., :width]
+        parts.append(order.sort(dim=-1).values + start)
+    index = torch.cat(parts, dim=-1)
+    compact(layer, Selection(indices=index, valid=valid.gather(-1, index)), count=False, quantized=keep_q)
+
+
+def drop_selection(layer: PrunedLayer, selection: Selection) -> None:
+    """Evict from a quantized layer what `selection` does not keep: the slots become holes, which
+    `fit_quantized` removes."""
+    keep = torch.zeros_like(layer.valid).scatter_(-1, selection.indices, selection.valid)
+    layer.slots.drop(keep)
+    layer.tokens_since_eviction = 0
+    layer.evictions += 1
+    layer.cache.policy.compacted(layer, None)
+
+
 def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = None, count: bool = True,
-            per_head: HeadRoom | None = None) -> None:
+            per_head: HeadRoom | None = None, quantized: int | None = None) -> None:
     """Keep `selection` in the slots and in every policy state of the layer (`count`: an eviction, not
     only a squeeze of holes). A layer stored per head is laid out per head again (`per_head` sizes it;
     by default from the counts kept, a host sync)."""
@@ -136,7 +180,7 @@ def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = 
     index = selection.indices
     score_state = layer.score_state()
     kept_scores = layer.slots.gather(index, selection.valid, score_state.scores if score_state else None,
-                                     capacity=capacity, per_head=per_head)
+                                     capacity=capacity, per_head=per_head, quantized=quantized)
     for state in layer.states.values():
         if state is score_state:
             state.keep_gathered("scores", kept_scores)
@@ -176,5 +220,8 @@ def allocate_across_layers(cache: PrunedCache) -> None:
         layer.allocation = Allocation(counts=layer_counts, uniform=uniform, most=int(layer_counts.max()),
                                       uniform_most=int(uniform.max()))
         selection = policy.select(layer, 0, counts=layer_counts)
-        if selection is not None:
+        if selection is not None and layer.slots.quantized is not None:
+            drop_selection(layer, selection)
+            fit_quantized(layer)
+        elif selection is not None:
             compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))

@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvpress import attention, hook
-from kvpress.eviction import after_attention, make_room
+from kvpress.eviction import after_attention, fit_quantized, make_room
 from kvpress.policy import DECODE, PREFILL
 from kvpress.report import LayerReport
 from kvpress.slots import SlotStore, TokenLayout
@@ -176,6 +176,7 @@ class PrunedLayer(DynamicLayer):
             policy.update(self, signals)
         after_attention(self, phase)
         self.slots.end_forward(self.cache.storage_for(self))
+        fit_quantized(self)
         return output
 
     def _check_call(self, module, kwargs) -> None:

@@ -18,16 +18,17 @@ Storage of one layer (`QuantizedStore`), slots in temporal order: `[quantized | 
 * residual: the newest slots in full precision, `[B, H, R', D]`. After every forward the oldest
   `G * floor((R' - residual) / G)` of them are quantized as new key blocks of `G` slots.
 
-Eviction (`compact`) never re-quantizes: kept quantized slots are gathered with their codes, their
-value scales and their key block (counts drop; blocks left empty are removed), so a kept token's error
-stays the error of its one quantization. Because heads keep different tokens, heads may keep different
-numbers of quantized slots; the quantized region is widened to the largest of them, and each head's
-extra slots (full precision until then) are quantized as one new block: first quantization, no
-compounding. Evictions thin blocks out (a block's scales stay as long as one of its slots is kept); when
-the blocks exceed the dense count `ceil(Nq / G)` by more than `reserve_blocks(Nq)`, the quantized
-region is re-packed into dense blocks. That re-pack is the only re-quantization of an already-quantized
-value (one more rounding, at most `s' / 2`); it runs at most once per `G * reserve_blocks` evictions
-from the quantized region, never on every step, and the memory bound below includes the reserve.
+Eviction never re-quantizes and never sizes anything from the device. Inside a forward, evicted slots
+only become holes (invalid slots, `SlotStore.drop`), wherever they are. After the forward the layer
+keeps a host-sized set of slots (`keep`): in each region, at most the number of slots the policy lets a
+(row, head) hold, valid ones first, in slot order; heads that keep fewer valid slots keep some holes.
+Kept quantized slots are gathered with their codes, their value scales and their key block, so a kept
+token's error stays the error of its one quantization. Block counts are recomputed; a block no kept slot
+refers to stays in the table with count 0 (the cumulative counts skip it) until the table exceeds the
+dense count `ceil(Nq / G)` plus `reserve_blocks(Nq)`; then the live blocks are moved first and the table
+is cut to that size, and a head with more live blocks than that is re-packed into dense blocks. That
+re-pack is the only re-quantization of an already-quantized value (one more rounding, at most `s' / 2`).
+Key groups are quantized from their valid slots only (`valid`), so a hole never widens a group's range.
 """
 
 from __future__ import annotations
@@ -79,14 +80,17 @@ class KVQuant:
 
     def bytes_for_slots(self, slots: int, head_dim: int, itemsize: int) -> int:
         """Upper bound of the bytes a layer's storage holds per KV head (per batch row) when it keeps
-        `slots` slots: residual at its largest (`residual + G - 1` full-precision slots), the rest
-        quantized with value scales/zeros per slot and key scales/zeros for the dense blocks plus the
-        re-pack reserve, and the int32 block counts."""
-        tail = min(slots, self.residual + self.group_size - 1)
-        quantized = slots - tail
-        blocks = math.ceil(quantized / self.group_size) + reserve_blocks(quantized, self.group_size) if quantized else 0
-        codes = 2 * quantized * head_dim * self.bits // 8
-        value_params = 2 * quantized * (head_dim // self.group_size) * itemsize
+        `slots` slots. Below `residual + G` slots nothing is quantized: `slots` full-precision slots.
+        Otherwise the residual at its largest (`residual + G - 1` full-precision slots) and up to `slots`
+        quantized slots (a head's quantized region holds at most `slots` slots, holes of heads that kept
+        more of the residual included), with value scales/zeros per slot, key scales/zeros for the dense
+        blocks plus the reserve, and the int32 block counts."""
+        tail = self.residual + self.group_size - 1
+        if slots <= tail:
+            return 2 * slots * head_dim * itemsize
+        blocks = math.ceil(slots / self.group_size) + reserve_blocks(slots, self.group_size)
+        codes = 2 * slots * head_dim * self.bits // 8
+        value_params = 2 * slots * (head_dim // self.group_size) * itemsize
         key_params = blocks * (2 * head_dim * itemsize + 4)
         return codes + value_params + key_params + 2 * tail * head_dim * itemsize
 
@@ -189,15 +193,26 @@ def dequantize_values(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return out.reshape(codes.shape).to(scale.dtype)
 
 
-def quantize_key_blocks(x: torch.Tensor, bits: int, group: int):
+def quantize_key_blocks(x: torch.Tensor, bits: int, group: int, valid: torch.Tensor | None = None):
     """Per-channel groups of `group` consecutive slots: `x [B, H, N, D]` -> packed `[B, H, N, Dp]`,
-    scale and zero `[B, H, ceil(N/group), D]`, counts `[ceil(N/group)]` (the last block may be short)."""
+    scale and zero `[B, H, ceil(N/group), D]`, counts `[ceil(N/group)]` (the last block may be short).
+    With `valid [B, H, N]`, a group's range comes from its valid slots only (holes get clamped codes;
+    a group with no valid slot gets scale and zero 0)."""
     n = x.shape[-2]
     blocks = math.ceil(n / group)
     pad = blocks * group - n
     padded = torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], pad, x.shape[-1])], dim=-2) if pad else x
     grouped = padded.reshape(*x.shape[:-2], blocks, group, x.shape[-1])
-    scale, zero = affine_params(grouped.amin(-2), grouped.amax(-2), (1 << bits) - 1, x.dtype)
+    if valid is None:
+        low, high = grouped.amin(-2), grouped.amax(-2)
+    else:
+        mask = torch.cat([valid, valid.new_zeros(*valid.shape[:-1], pad)], dim=-1) if pad else valid
+        mask = mask.reshape(*valid.shape[:-1], blocks, group, 1)
+        inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        low, high = torch.where(mask, grouped, inf).amin(-2), torch.where(mask, grouped, -inf).amax(-2)
+        empty = low > high
+        low, high = low.masked_fill(empty, 0), high.masked_fill(empty, 0)
+    scale, zero = affine_params(low, high, (1 << bits) - 1, x.dtype)
     codes = encode(grouped, scale[..., None, :], zero[..., None, :], (1 << bits) - 1)
     codes = codes.reshape(padded.shape)[..., :n, :]
     counts = torch.full((blocks,), group, dtype=torch.int32, device=x.device)
@@ -228,8 +243,9 @@ class QuantizedStore:
     TENSORS = ("key_codes", "key_scale", "key_zero", "key_counts", "value_codes", "value_scale",
                "value_zero", "residual_keys", "residual_values")
 
-    def __init__(self, quant: KVQuant, keys: torch.Tensor, values: torch.Tensor):
-        """Start from the full-precision slots `keys/values [B, H, P, D]` of a layer (its first forward)."""
+    def __init__(self, quant: KVQuant, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None):
+        """Start from the full-precision slots `keys/values [B, H, P, D]` of a layer (its first forward);
+        `valid [B, H, P]` marks the slots that are not padding or holes."""
         quant.check_head_dim(keys.shape[-1])
         self.quant = quant
         self.dtype = keys.dtype
@@ -243,8 +259,7 @@ class QuantizedStore:
         self.value_scale = keys.new_empty(batch, heads, 0, dim // quant.group_size)
         self.value_zero = self.value_scale.clone()
         self.residual_keys, self.residual_values = keys, values
-        self.repacks = 0
-        self.flush()
+        self.flush(valid)
 
     # ---- sizes ----
     @property
@@ -316,8 +331,9 @@ class QuantizedStore:
         self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
         self.residual_values = torch.cat([self.residual_values, values], dim=-2)
 
-    def flush(self) -> None:
-        """Quantize the oldest residual slots in whole groups, leaving `residual` to `residual + G - 1`."""
+    def flush(self, valid: torch.Tensor | None = None) -> None:
+        """Quantize the oldest residual slots in whole groups, leaving `residual` to `residual + G - 1`.
+        `valid [B, H, R']` marks the residual slots that are not holes (key ranges come from those)."""
         group = self.quant.group_size
         count = (self.residual_keys.shape[-2] - self.quant.residual) // group * group
         if count <= 0:
@@ -326,7 +342,8 @@ class QuantizedStore:
         # copies, so that the quantized slots' full-precision buffer is freed
         self.residual_keys = self.residual_keys[..., count:, :].contiguous()
         self.residual_values = self.residual_values[..., count:, :].contiguous()
-        codes, scale, zero, counts = quantize_key_blocks(keys, self.quant.bits, group)
+        codes, scale, zero, counts = quantize_key_blocks(keys, self.quant.bits, group,
+                                                         None if valid is None else valid[..., :count])
         self._append_quantized(codes, scale, zero, counts.expand(*keys.shape[:2], -1), values)
 
     def _append_quantized(self, key_codes, key_scale, key_zero, key_counts, values) -> None:
@@ -340,86 +357,47 @@ class QuantizedStore:
         self.value_zero = torch.cat([self.value_zero, value_zero], dim=-2)
 
     # ---- eviction ----
-    def compact(self, index: torch.Tensor) -> None:
-        """Keep slots `index [B, H, K]` (sorted, over quantized then residual slots) without
-        re-quantizing any kept quantized slot."""
-        nq, dim = self.quantized_slots, self.residual_keys.shape[-1]
-        in_quantized = index < nq  # [B, H, K]
-        per_head = in_quantized.sum(-1)  # [B, H]
-        width = int(per_head.max()) if nq else 0  # new quantized region: the largest per-head count
-        head_index, tail_index = index[..., :width], index[..., width:] - nq
-        old = torch.arange(width, device=index.device) < per_head[..., None]  # [B, H, width] was quantized
-
-        # kept quantized slots: gather codes, value scales, and the block of each slot
-        q_index = head_index.clamp(max=max(nq - 1, 0))
-        rows = lambda t: t.gather(-2, q_index[..., None].expand(*q_index.shape, t.shape[-1]))
+    def keep(self, index: torch.Tensor, quantized: int, valid: torch.Tensor | None = None) -> None:
+        """Keep the slots `index [B, H, K]` (sorted ascending), whose first `quantized` entries are
+        quantized slots in every head and the rest residual slots; `valid [B, H, K]` marks the kept
+        slots that are not holes. Kept quantized slots keep their codes and scales (no re-quantization);
+        everything is sized from `index`'s shape and `quantized`, with no device-to-host sync."""
+        nq = self.quantized_slots
+        q_index, r_index = index[..., :quantized], index[..., quantized:] - nq
+        rows = lambda t, i: t.gather(-2, i[..., None].expand(*i.shape, t.shape[-1]))
         if nq:
-            key_codes, value_codes = rows(self.key_codes), rows(self.value_codes)
-            value_scale, value_zero = rows(self.value_scale), rows(self.value_zero)
-            block = block_of_slot(self.key_counts, nq).gather(-1, q_index)  # [B, H, width]
-        else:
-            key_codes = value_codes = value_scale = value_zero = None
-            block = torch.zeros_like(head_index)
-        blocks = self.key_counts.shape[-1]
+            block = block_of_slot(self.key_counts, nq).gather(-1, q_index)  # [B, H, quantized]
+            self.key_codes, self.value_codes = rows(self.key_codes, q_index), rows(self.value_codes, q_index)
+            self.value_scale, self.value_zero = rows(self.value_scale, q_index), rows(self.value_zero, q_index)
+            counts = torch.zeros_like(self.key_counts)
+            self.key_counts = counts.scatter_add_(-1, block, torch.ones_like(block, dtype=torch.int32))
+        self.residual_keys, self.residual_values = rows(self.residual_keys, r_index), rows(self.residual_values, r_index)
+        group = self.quant.group_size
+        limit = math.ceil(quantized / group) + reserve_blocks(quantized, group) if quantized else 0
+        if self.key_counts.shape[-1] > limit:
+            self._squeeze_blocks(limit, None if valid is None else valid[..., :quantized])
 
-        # slots of heads that keep fewer quantized slots than `width`: quantized now, one new block
-        fresh = ~old
-        if bool(fresh.any()):
-            r_index = (head_index - nq).clamp(min=0)
-            r_rows = lambda t: t.gather(-2, r_index[..., None].expand(*r_index.shape, dim))
-            fresh_keys, fresh_values = r_rows(self.residual_keys), r_rows(self.residual_values)  # [B, H, width, D]
-            mask = fresh[..., None]
-            inf = torch.tensor(float("inf"), dtype=torch.float32, device=index.device)
-            low = torch.where(mask, fresh_keys.float(), inf).amin(-2)  # [B, H, D]
-            high = torch.where(mask, fresh_keys.float(), -inf).amax(-2)
-            low, high = torch.where(low <= high, low, 0.0), torch.where(low <= high, high, 0.0)
-            scale, zero = affine_params(low, high, self.quant.levels, self.dtype)
-            new_codes = pack(encode(fresh_keys, scale[..., None, :], zero[..., None, :], self.quant.levels),
-                             self.quant.bits)
-            v_codes, v_scale, v_zero = quantize_values(fresh_values, self.quant.bits, self.quant.group_size)
-            if key_codes is None:
-                key_codes, value_codes, value_scale, value_zero = new_codes, v_codes, v_scale, v_zero
-            else:
-                key_codes = torch.where(mask, new_codes, key_codes)
-                value_codes = torch.where(mask, v_codes, value_codes)
-                value_scale = torch.where(mask, v_scale, value_scale)
-                value_zero = torch.where(mask, v_zero, value_zero)
-            key_scale = torch.cat([self.key_scale, scale[..., None, :]], dim=-2)
-            key_zero = torch.cat([self.key_zero, zero[..., None, :]], dim=-2)
-            block = torch.where(fresh, blocks, block)
-            blocks += 1
-        else:
-            key_scale, key_zero = self.key_scale, self.key_zero
-            if key_codes is None:  # nothing quantized before or after
-                key_codes, value_codes = self.key_codes, self.value_codes
-                value_scale, value_zero = self.value_scale, self.value_zero
-
-        # per-head block counts; drop blocks no kept slot refers to (stable: block order is slot order)
-        counts = torch.zeros(*index.shape[:2], blocks, dtype=torch.int32, device=index.device)
-        counts.scatter_add_(-1, block, torch.ones_like(block, dtype=torch.int32))
-        order = torch.argsort((counts == 0).to(torch.int8), dim=-1, stable=True)
-        live = int((counts > 0).sum(-1).max()) if width else 0
-        order = order[..., :live]
-        self.key_counts = counts.gather(-1, order)
-        gather_blocks = lambda t: t.gather(-2, order[..., None].expand(*order.shape, dim))
-        self.key_scale, self.key_zero = gather_blocks(key_scale), gather_blocks(key_zero)
-        self.key_codes, self.value_codes = key_codes, value_codes
-        self.value_scale, self.value_zero = value_scale, value_zero
-
-        tail = tail_index[..., None].expand(*tail_index.shape, dim)
-        self.residual_keys = self.residual_keys.gather(-2, tail)
-        self.residual_values = self.residual_values.gather(-2, tail)
-        if live > math.ceil(width / self.quant.group_size) + reserve_blocks(width, self.quant.group_size):
-            self.repack()
-
-    def repack(self) -> None:
-        """Re-quantize the quantized keys into dense blocks of `G` consecutive slots (values are per
-        slot and stay as they are). One more rounding of the keys; see the module docstring."""
-        keys = self.dequantize_keys()
-        codes, scale, zero, counts = quantize_key_blocks(keys, self.quant.bits, self.quant.group_size)
-        self.key_codes, self.key_scale, self.key_zero = codes, scale, zero
-        self.key_counts = counts.expand(*keys.shape[:2], -1).contiguous()
-        self.repacks += 1
+    def _squeeze_blocks(self, limit: int, valid: torch.Tensor | None) -> None:
+        """Cut the key-block table to `limit` blocks: live blocks first, in slot order; a head with more
+        live blocks than `limit` has its quantized keys re-packed into dense blocks of `G` slots (values
+        are per slot and stay as they are). Both are computed for every head and chosen per head, so
+        nothing is read back from the device."""
+        counts = self.key_counts
+        order = torch.argsort((counts == 0).to(torch.int8), dim=-1, stable=True)[..., :limit]
+        by_order = lambda t: t.gather(-2, order[..., None].expand(*order.shape, t.shape[-1]))
+        scale, zero, kept_counts = by_order(self.key_scale), by_order(self.key_zero), counts.gather(-1, order)
+        if self.quantized_slots:
+            over = ((counts > 0).sum(-1) > limit)[..., None]  # [B, H, 1]
+            codes, dense_scale, dense_zero, dense_counts = quantize_key_blocks(
+                self.dequantize_keys(), self.quant.bits, self.quant.group_size, valid)
+            spare = limit - dense_scale.shape[-2]
+            dense_scale = torch.nn.functional.pad(dense_scale, (0, 0, 0, spare))
+            dense_zero = torch.nn.functional.pad(dense_zero, (0, 0, 0, spare))
+            dense_counts = torch.nn.functional.pad(dense_counts, (0, spare)).expand_as(kept_counts)
+            self.key_codes = torch.where(over[..., None], codes, self.key_codes)
+            scale, zero = torch.where(over[..., None], dense_scale, scale), torch.where(over[..., None], dense_zero, zero)
+            kept_counts = torch.where(over, dense_counts, kept_counts)
+        self.key_scale, self.key_zero, self.key_counts = scale, zero, kept_counts.contiguous()
 
     def apply_batch(self, fn) -> None:
         """Apply a batch-axis operation (beam reorder, repeat, select) to every tensor."""

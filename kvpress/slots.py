@@ -231,15 +231,20 @@ class SlotStore:
         self.exact_prefix = False
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None = None,
-               capacity: int | None = None, per_head: HeadRoom | None = None) -> torch.Tensor | None:
+               capacity: int | None = None, per_head: HeadRoom | None = None,
+               quantized: int | None = None) -> torch.Tensor | None:
         """Keep the slots `index [B, Hkv, K]` (sorted ascending), with validity `valid [B, Hkv, K]`, at the
         front of the buffers; with `capacity`, in new buffers of that many slots (a prefill that kept a
         small part of a long prompt releases the rest). With `per_head`, lay keys and values out per
-        head instead (`RaggedStore`; `index` then has each head's valid slots first). `scores [B, Hkv,
-        P]`, the policy's running score, is gathered in the same launch and returned."""
+        head instead (`RaggedStore`; `index` then has each head's valid slots first). With quantized
+        storage the first `quantized` entries of every head are quantized slots and the rest residual
+        ones (`QuantizedStore.keep`). `scores [B, Hkv, P]`, the policy's running score, is gathered in
+        the same launch and returned."""
         width = index.shape[-1]
         if self.quantized is not None:
-            self.quantized.compact(index)
+            if quantized is None:
+                raise ValueError("SlotStore.gather: quantized storage needs `quantized`, the kept quantized slots per head")
+            self.quantized.keep(index, quantized, valid)
             self._quantized_view, self._dequantized = self.quantized.placeholders(), None
             positions = self.positions.gather(-1, index)
             kept_scores = scores.gather(-1, index) if scores is not None else None
@@ -314,11 +319,11 @@ class SlotStore:
             if quant is None:
                 self._ragged_view = None
                 return
-            self.quantized = QuantizedStore(quant, self.keys.contiguous(), self.values.contiguous())
+            self.quantized = QuantizedStore(quant, self.keys.contiguous(), self.values.contiguous(), self.valid)
             self._valid, self._positions = self.valid.clone(), self.positions.clone()
             self.ragged = self._ragged_view = None
         else:
-            self.quantized.flush()
+            self.quantized.flush(self.valid[..., self.quantized.quantized_slots:])
         self._quantized_view, self._dequantized, self._in_forward = self.quantized.placeholders(), None, False
         self._keys, self._values = self._quantized_view
 

@@ -71,9 +71,10 @@ class QuantizedPruning(Wrapper):
         return store.quant if store is not None else self.choose_bits(layer)
 
     def choose_bits(self, layer) -> KVQuant | None:
-        """The paper's rule (class docstring) for the tokens `layer` has seen."""
+        """The paper's rule (class docstring) for the tokens `layer` has seen (its host-side count: an upper
+        bound of every row's real tokens in a left-padded batch, read without a sync)."""
         memory, dim, itemsize = self.layer_memory(layer), layer.slots.head_dim, layer.slots.itemsize
-        tokens = int(layer.real_seen.max())
+        tokens = layer.seen
         for bits in (None, 8, 4):
             quant = None if bits is None else KVQuant(bits, self.group_size, self.residual)
             if slots_for_memory(memory, dim, itemsize, quant) >= tokens:

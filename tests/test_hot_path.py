@@ -1,10 +1,7 @@
 """The decoding step makes no device-to-host sync, for every registered policy at slack 0 and 16, on a
-single row and on a padded batch; and the number of PyTorch ops per decoding step, printed against
+single row and on a padded batch, in full precision and with quantized storage (QuantizedPruning,
+`PrunedCache(quantization=...)`); and the number of PyTorch ops per decoding step, printed against
 DynamicCache's.
-
-Quantized storage (QuantizedPruning, `PrunedCache(quantization=...)`) is the exception, stated in
-docs/decisions.md: its key groups span consecutive slots, so it compacts at every eviction, and
-compaction sizes its output from the device.
 """
 
 import pytest
@@ -14,14 +11,13 @@ from tiny_models import left_pad, random_ids, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from kvpress import PrunedCache
-from kvpress.policies import REGISTRY, QuantizedPruning
+from kvpress import KVQuant, PrunedCache
+from kvpress.policies import REGISTRY, QuantizedPruning, SnapKV
 
 SYNCS = {"_local_scalar_dense", "is_nonzero", "nonzero", "item"}
 # LazyLLM is left out by design: how many stopped tokens a decoding step revives is data-dependent, so it
 # reads counts on the host at its pruning layers (policies/lazyllm.py; tests/test_lazyllm.py covers it)
-NAMES = sorted(name for name, cls in REGISTRY.items()
-               if not issubclass(cls, QuantizedPruning) and not getattr(cls, "runs_decoder_layers", False))
+NAMES = sorted(name for name, cls in REGISTRY.items() if not getattr(cls, "runs_decoder_layers", False))
 
 
 class OpCounter(TorchDispatchMode):
@@ -74,6 +70,36 @@ def test_a_decoding_step_makes_no_host_sync(model, name, slack, padded):
     counter = count_decode(model, cache, ids, mask, steps=20)  # past a squeeze of holes too
     assert counter.syncs == [], f"{name}: {counter.syncs}"
     assert all(layer.evictions > 1 for layer in cache.layers)  # it did evict while decoding
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("slack", [0, 16])
+def test_a_decoding_step_on_quantized_storage_makes_no_host_sync(model, name, slack):
+    """Evictions drop slots in place; after the flush each region is cut to host-sized bounds, so
+    decoding past flushes (a group of 8 fills every 8 steps) and block-table squeezes needs no sync."""
+    ids, mask = left_pad([random_ids(1, 48, seed=5)[0], random_ids(1, 37, seed=6)[0]])
+    quant = KVQuant(bits=4, group_size=8, residual=4)
+    policy = make_policy(name, 24)
+    if isinstance(policy, QuantizedPruning):  # memory for 24 slots per head at 4 bits (bytes_for_slots: 2,704)
+        policy = QuantizedPruning(policy.inner, memory=2 * 2704, bits=4, per_layer=True, group_size=8)
+    cache = PrunedCache(policy, slack=slack, quantization=quant)
+    counter = count_decode(model, cache, ids, mask, steps=40)
+    assert counter.syncs == [], f"{name}: {counter.syncs}"
+    assert all(layer.store is not None and layer.store.quantized_slots >= 8 for layer in cache.layers)
+    assert all(layer.evictions > 1 for layer in cache.layers)  # it did evict while decoding
+
+
+def test_quantized_pruning_switching_precision_while_decoding_makes_no_host_sync(model):
+    """QuantizedPruning's rule keeps a layer in full precision while its memory holds every token: here
+    56 fp32 slots per head, so the 48-token prompt stays in full precision and a decoding step quantizes
+    the layer (at 8 bits, the highest precision that holds the tokens then)."""
+    ids, mask = left_pad([random_ids(1, 48, seed=5)[0], random_ids(1, 37, seed=6)[0]])
+    memory = 2 * 56 * 2 * 16 * 4  # 2 KV heads x 56 slots x keys and values x head_dim 16 x fp32
+    policy = QuantizedPruning(SnapKV(window=2), memory=memory, per_layer=True, group_size=8)
+    cache = PrunedCache(policy)
+    counter = count_decode(model, cache, ids, mask, steps=40)
+    assert counter.syncs == [], counter.syncs
+    assert all(layer.store is not None and layer.store.quant.bits == 8 for layer in cache.layers)
 
 
 def test_ops_per_decoding_step_against_dynamic_cache(model, capsys):

@@ -15,7 +15,7 @@ from registry_policies import generate
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvpress import KVQuant, PrunedCache
-from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV
+from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV, StreamingLLM
 from kvpress.policy import Wrapper
 from kvpress.quant import (
     QuantizedStore,
@@ -108,41 +108,68 @@ def test_eviction_gathers_quantized_slots_without_requantizing():
     before_k, before_v = store.dequantize()
     full_k = torch.cat([before_k, store.residual_keys], dim=-2)
     full_v = torch.cat([before_v, store.residual_values], dim=-2)
-    # per (row, head) a different split between quantized (0..39, blocks of 8) and residual slots
+    blocks_before = store.key_counts.shape[-1]
+    # per (row, head) 12 quantized slots (of 0..39, blocks of 8) and 4 residual ones, thinned differently
     index = torch.stack([
-        torch.stack([torch.cat([torch.arange(6), torch.arange(40, 50)]), torch.arange(16, 32)]),
-        torch.stack([torch.cat([torch.arange(8, 18), torch.arange(40, 46)]), torch.arange(24, 40)]),
+        torch.stack([torch.cat([torch.arange(12), torch.arange(40, 44)]),
+                     torch.cat([torch.arange(16, 40, 2), torch.arange(46, 50)])]),
+        torch.stack([torch.cat([torch.arange(8, 20), torch.arange(42, 50, 2)]),
+                     torch.cat([torch.arange(0, 8, 2), torch.arange(24, 40, 2), torch.arange(40, 50, 3)])]),
     ])  # [2, 2, 16]
-    store.compact(index)
-    assert store.repacks == 0
+    store.keep(index, quantized=12)
     after_k, after_v = store.dequantize()
-    width = store.quantized_slots
-    assert width == int((index < 40).sum(-1).max()) == 16
+    assert store.quantized_slots == 12 and store.residual_keys.shape[-2] == 4
     kept_k = full_k.gather(2, index[..., None].expand(-1, -1, -1, 32))
     kept_v = full_v.gather(2, index[..., None].expand(-1, -1, -1, 32))
-    was_quantized = index[..., :width] < 40
-    # previously quantized slots come back bit-identical (no second rounding)
-    assert torch.equal(after_k[was_quantized], kept_k[..., :width, :][was_quantized])
-    assert torch.equal(after_v[was_quantized], kept_v[..., :width, :][was_quantized])
-    # slots quantized now for the narrower heads: within half a step of their original values
-    fresh = ~was_quantized
-    original_k = keys.gather(2, index[..., None].expand(-1, -1, -1, 32))[..., :width, :]
-    for b, h in zip(*torch.nonzero(fresh.any(-1), as_tuple=True)):
-        chunk = original_k[b, h][fresh[b, h]]
-        step = (chunk.amax(0) - chunk.amin(0)) / 15
-        assert torch.all((after_k[b, h][fresh[b, h]] - chunk).abs() <= step / 2 + 1e-6)
-    assert torch.equal(store.residual_keys, kept_k[..., width:, :])
-    assert int(store.key_counts.sum(-1).min()) == int(store.key_counts.sum(-1).max()) == width
+    # kept quantized slots come back bit-identical (no second rounding), residual slots as they were
+    assert torch.equal(after_k, kept_k[..., :12, :]) and torch.equal(after_v, kept_v[..., :12, :])
+    assert torch.equal(store.residual_keys, kept_k[..., 12:, :])
+    # counts follow the blocks the kept slots came from; the 5-block table is cut to ceil(12 / 8) +
+    # reserve = 3 blocks, live ones first in slot order, then empty ones
+    block_of = index[..., :12] // 8
+    for b in range(2):
+        for h in range(2):
+            live = torch.bincount(block_of[b, h], minlength=5)
+            expected = live[live > 0].tolist()
+            assert store.key_counts[b, h].tolist() == expected + [0] * (3 - len(expected)), (b, h)
+    assert blocks_before == 5 and store.key_counts.shape[-1] == 3
 
 
-def test_thinned_blocks_are_repacked_within_reserve():
+def test_heads_with_more_live_blocks_than_the_reserve_are_repacked():
     quant = KVQuant(bits=4, group_size=8, residual=0)
-    store, _, _ = _store(slots=128, quant=quant)
+    store, keys, _ = _store(slots=128, quant=quant)
     assert store.key_counts.shape[-1] == 16
-    index = torch.arange(0, 128, 4).expand(2, 2, -1).contiguous()  # every block keeps 2 of 8 slots
-    store.compact(index)
-    assert store.repacks == 1 and store.key_counts.shape[-1] == math.ceil(32 / 8)
-    assert store.key_counts.tolist() == [[[8] * 4] * 2] * 2
+    before_k, _ = store.dequantize()
+    # head (0, 0) keeps 2 of 8 slots of every block: 16 live blocks > 4 + 1, re-packed;
+    # the other heads keep the first 32 slots: 4 live blocks, kept as they are
+    thinned = torch.arange(0, 128, 4)
+    dense = torch.arange(32)
+    index = torch.stack([torch.stack([thinned, dense]), torch.stack([dense, dense])])
+    store.keep(index, quantized=32)
+    assert store.key_counts.shape[-1] == math.ceil(32 / 8) + 1
+    assert store.key_counts.tolist() == [[[8, 8, 8, 8, 0]] * 2] * 2
+    after_k, _ = store.dequantize()
+    assert torch.equal(after_k[0, 1], before_k[0, 1, :32]) and torch.equal(after_k[1], before_k[1, :, :32])
+    # the re-packed head: one more rounding, within half a step of its new dense blocks' ranges
+    kept = before_k[0, 0, thinned].view(4, 8, 32)
+    step = (kept.amax(1) - kept.amin(1)) / 15
+    assert torch.all((after_k[0, 0].view(4, 8, 32) - kept).abs() <= step[:, None] / 2 + 1e-6)
+    assert not torch.equal(after_k[0, 0], before_k[0, 0, thinned])
+
+
+def test_holes_do_not_widen_a_key_group():
+    quant = KVQuant(bits=4, group_size=8, residual=0)
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(1, 1, 16, 32, generator=gen), torch.randn(1, 1, 16, 32, generator=gen)
+    valid = torch.ones(1, 1, 16, dtype=torch.bool)
+    valid[..., 3] = False
+    keys[..., 3, :] = 1000.0  # a hole with an outlier key
+    masked = QuantizedStore(quant, keys, values, valid)
+    plain = QuantizedStore(quant, torch.cat([keys[..., :3, :], keys[..., 4:8, :], keys[..., 4:5, :], keys[..., 8:, :]], -2),
+                           values)
+    # the first block's range equals a block without the hole (slot 4 repeated: same min and max)
+    assert torch.equal(masked.key_scale[..., 0, :], plain.key_scale[..., 0, :])
+    assert torch.equal(masked.dequantize_keys()[..., 4:8, :], plain.dequantize_keys()[..., 3:7, :])
 
 
 # ---- integration with PrunedCache ----
@@ -181,7 +208,8 @@ def test_report_counts_exactly_the_tensors_held():
         store = layer.store
         assert row.bytes == _held_bytes(layer)
         nq, nr, blocks = store.quantized_slots, store.residual_keys.shape[-2], store.key_counts.shape[-1]
-        assert nq + nr == row.kept == 48
+        # 48 valid slots per head; each region holds at most 48 slots, the residual at most 16 + 8 - 1
+        assert row.kept == 48 and nq <= 48 and nr <= 23 and nq + nr == layer.num_slots
         b, h, d = 2, 2, 16
         expected = {"codes": 2 * b * h * nq * d * 4 // 8, "scales": b * h * (blocks * d + nq * d // 8) * 4,
                     "zeros": b * h * (blocks * d + nq * d // 8) * 4, "block_counts": b * h * blocks * 4,
@@ -227,7 +255,43 @@ def test_beam_search_and_budget_with_quantized_storage():
     out = model.generate(ids, max_new_tokens=15, num_beams=3, do_sample=False, cache=cache, pad_token_id=0)
     assert out.shape[-1] == 75
     for layer in cache.layers:
-        assert layer.num_slots == 32 and layer.store.num_slots == 32 and layer.keys.shape[0] == 3
+        # 32 valid slots per beam and head; the quantized region holds at most 32 slots, holes included
+        assert layer.kept_slots == 32 and layer.store.quantized_slots <= 32 and layer.keys.shape[0] == 3
+        assert layer.store.residual_keys.shape[-2] <= 8 + 8 - 1
+
+
+def test_quantized_eviction_in_place_keeps_the_tokens_full_precision_keeps():
+    """StreamingLLM keeps tokens by position only, so a quantized cache must keep exactly the tokens the
+    full-precision cache keeps, through holes, flushes and region cuts, in a left-padded batch; and
+    each kept slot's key must be its token's key (within the 8-bit step of its block)."""
+    model = _tiny()
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 100, (2, 50), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0
+    steps = torch.randint(3, 100, (2, 30), generator=gen)  # the same tokens fed to both caches
+    caches = [PrunedCache(StreamingLLM(budget=20, sinks=2)),
+              PrunedCache(StreamingLLM(budget=20, sinks=2), quantization=KVQuant(bits=8, group_size=8, residual=4))]
+    for cache in caches:
+        with torch.no_grad():
+            model(ids, attention_mask=mask, cache=cache)
+            grown = mask
+            for t in range(steps.shape[1]):
+                grown = torch.cat([grown, torch.ones_like(grown[:, :1])], dim=1)
+                model(steps[:, t:t + 1], attention_mask=grown, cache=cache)
+    for plain, quantized in zip(caches[0].layers, caches[1].layers):
+        store = quantized.store
+        assert store.quantized_slots >= 8 and quantized.evictions > 1
+        keys = torch.cat([store.dequantize_keys(), store.residual_keys], dim=-2)
+        for b in range(2):
+            for h in range(2):
+                at = lambda layer: layer.positions[b, h][layer.valid[b, h]]
+                assert sorted(at(quantized).tolist()) == sorted(at(plain).tolist()), (b, h)
+                order_p, order_q = at(plain).argsort(), at(quantized).argsort()
+                want = plain.keys[b, h][plain.valid[b, h]][order_p]
+                got = keys[b, h][quantized.valid[b, h]][order_q]
+                step = (want.amax(0) - want.amin(0)) / 255
+                assert torch.all((got - want).abs() <= step + 1e-6), (b, h)
 
 
 def test_eight_bits_match_unquantized_eviction_on_tiny_model():
@@ -271,7 +335,8 @@ def test_quantized_pruning_rule_picks_highest_precision_that_holds_the_prompt():
     model = _tiny()
     ids = torch.randint(0, 100, (1, 100), generator=torch.Generator().manual_seed(6))
     per_head = lambda slots: 2 * 2 * slots * 2 * 16 * 4
-    expected = {per_head(200): None, per_head(60): 8, per_head(30): 4, per_head(10): 4}
+    # 100 tokens cost 100 fp32 slots, 61 at 8 bits (7,808 B per head), 49 at 4 bits (6,208 B)
+    expected = {per_head(200): None, per_head(64): 8, per_head(30): 4, per_head(10): 4}
     for memory, bits in expected.items():
         cache = PrunedCache(QuantizedPruning(H2O(window=4), memory=memory, group_size=8))
         model.generate(ids, max_new_tokens=2, do_sample=False, cache=cache)
@@ -348,7 +413,9 @@ def test_smollm2_quantized_pruning_holds_its_memory_budget(smollm2):
     cache = PrunedCache(QuantizedPruning(SnapKV(window=16), memory=memory, bits=4))
     model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache)
     assert kv_bytes(cache) <= memory
-    slots = cache.layers[0].num_slots
-    # fp32 eviction would keep ids/8 slots; 4 bits keep 3x more after scales, zeros and the fp32 tail
-    assert slots > 3 * ids.shape[1] // 8
-    assert all(layer.num_slots == slots for layer in cache.layers)
+    slots = cache.layers[0].kept_slots
+    # fp32 eviction would keep ids/8 slots; 4 bits keep 2.5x more after scales, zeros, the 31-slot fp32
+    # tail and room for 31 quantized holes (at this small memory the fp32 tail alone takes 46% of it)
+    assert slots == slots_for_memory(memory // (30 * 3), 64, 4, KVQuant(4, 32, 0))
+    assert slots > 2.5 * ids.shape[1] // 8
+    assert all(layer.kept_slots == slots for layer in cache.layers)

@@ -23,7 +23,7 @@ def quantized_layer(batch=2, heads=2, slots=70, dim=16, residual=6, seed=0):
     store = QuantizedStore(KVQuant(bits=4, group_size=8, residual=residual), keys, values)
     # thin blocks out differently per head, as evictions do
     index = torch.stack([torch.arange(0, slots, 2), torch.arange(1, slots, 2)])[None].expand(batch, -1, -1)
-    store.compact(index.contiguous())
+    store.keep(index.contiguous(), quantized=32)  # half of the 64 quantized slots, half of the residual
     return store
 
 

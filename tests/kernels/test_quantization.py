@@ -65,7 +65,7 @@ def _quantized_layer(batch=2, heads=2, slots=24, residual=5, dim=32, bits=4, gro
     # thin blocks out per head, as an eviction would
     index = torch.stack([torch.stack([torch.cat([torch.arange(0, 20, 2), torch.arange(24, 29)]),
                                       torch.cat([torch.arange(3, 13), torch.arange(24, 29)])])] * batch).to(DEVICE)
-    store.compact(index)
+    store.keep(index, quantized=10)
     return store, keys
 
 
