@@ -13,10 +13,13 @@ Prints, for a tiny random Llama and for SmolLM2-135M-Instruct (CPU, fp32, sdpa):
    against DynamicCache;
 5. peak extra memory of the prefill scoring pass of one layer at 2k and 8k tokens (target: linear);
 6. peak memory of a whole SmolLM2 prefill with KVCompose (every layer keeps the prompt until the
-   cross-layer allocation, then compacts) vs DynamicCache, at 2k and 8k tokens (target <= 1.1x).
+   cross-layer allocation, then compacts) vs DynamicCache, at 2k and 8k tokens (target <= 1.1x);
+7. decoding on 4-bit KIVI storage after a 1k-token prompt: time per token vs DynamicCache, host syncs
+   and aten ops per step.
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --prefill-memory   # section 6 only
-    OMP_NUM_THREADS=1 python benchmarks/overhead.py --skip-prefill-memory   # sections 1-5
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --quantized        # section 7 only
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --skip-prefill-memory   # sections 1-5 and 7
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvpress import PrunedCache, PrunedLayer, load_model
+from kvpress import KVQuant, PrunedCache, PrunedLayer, load_model
 from kvpress.attention import grouped_attention, row_weights
-from kvpress.policies import H2O, TOVA, AdaKV, KVCompose, SnapKV, SpAtten
+from kvpress.policies import H2O, TOVA, AdaKV, KVCompose, QuantizedPruning, SnapKV, SpAtten
 
 torch.set_num_threads(1)
 
@@ -191,15 +194,19 @@ def storage_ratio(cache) -> float:
     return allocated / valid
 
 
-def ops_per_step(model, ids, make_cache, steps: int = 8) -> float:
-    """aten ops per decoding step (after prefill and one warm-up step)."""
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "item"}  # ops that copy a device value to the host
+
+
+def decode_ops(model, ids, make_cache, steps: int = 8) -> tuple[float, float]:
+    """aten ops and device-to-host syncs per decoding step (after prefill and one warm-up step)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        ops = 0
+        ops = syncs = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Count.ops += 1
+            Count.syncs += func.overloadpacket.__name__ in SYNC_OPS
             return func(*args, **(kwargs or {}))
 
     with torch.no_grad():
@@ -209,7 +216,28 @@ def ops_per_step(model, ids, make_cache, steps: int = 8) -> float:
         with Count():
             for _ in range(steps):
                 token = model(token, cache=cache).logits[:, -1:].argmax(-1)
-    return Count.ops / steps
+    return Count.ops / steps, Count.syncs / steps
+
+
+def quantized_decode_table(model, steps: int) -> list[str]:
+    """Decoding on KIVI 4-bit storage after a 1000-token prompt: time per token against DynamicCache,
+    host syncs and aten ops per step (section 7)."""
+    ids = torch.randint(3, model.config.vocab_size, (1, 1000), generator=torch.Generator().manual_seed(4))
+    quant = KVQuant(bits=4, group_size=32, residual=128)
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    memory = 500 * layers * heads * 2 * 64 * 4  # what 500 fp32 slots per head take
+    caches = (("no eviction, 4-bit storage", lambda: PrunedCache(None, quantization=quant)),
+              ("H2O budget 0.5, slack 0, 4-bit storage", lambda: PrunedCache(H2O(budget=0.5), quantization=quant)),
+              ("QuantizedPruning(SnapKV), 4 bits, memory of 500 fp32 slots",
+               lambda: PrunedCache(QuantizedPruning(SnapKV(window=16), memory=memory, bits=4))))
+    lines = ["| SmolLM2-135M, 1000-token prompt | decode/token | DynamicCache | ratio | host syncs per step "
+             "| aten ops per step |", "| --- | --- | --- | --- | --- | --- |"]
+    base = decode_per_token(model, ids, DynamicCache, steps)
+    for name, make in caches:
+        ours = decode_per_token(model, ids, make, steps)
+        ops, syncs = decode_ops(model, ids, make)
+        lines.append(f"| {name} | {ours * 1e3:.2f} ms | {base * 1e3:.2f} ms | {ours / base:.2f}x | {syncs:.0f} | {ops:.0f} |")
+    return lines
 
 
 def row(name: str, ours: float, base: float, target: str) -> str:
@@ -223,11 +251,15 @@ def main(argv=None) -> int:
                         help="only section 6: peak prefill memory of KVCompose vs DynamicCache")
     parser.add_argument("--skip-prefill-memory", action="store_true",
                         help="sections 1-5 only (section 6 spawns 12 processes of 2k and 8k prefills)")
+    parser.add_argument("--quantized", action="store_true", help="only section 7: decoding on 4-bit storage")
     args = parser.parse_args(argv)
     if args.prefill_memory:
         print("\n".join(prefill_memory_table()))
         return 0
     steps, repeats = (8, 2) if args.quick else (24, 3)
+    if args.quantized:
+        print("\n".join(quantized_decode_table(load_model("smollm2")[0], steps)))
+        return 0
     long_prompt = 1024 if args.quick else 4096
     lines = ["| measurement | kvpress | baseline | ratio | target |", "| --- | --- | --- | --- | --- |"]
 
@@ -279,9 +311,9 @@ def main(argv=None) -> int:
     print()
     print("| SmolLM2-135M, 1000-token prompt | aten ops per decoding step | DynamicCache | ratio |")
     print("| --- | --- | --- | --- |")
-    base_ops = ops_per_step(smol, ids, DynamicCache)
+    base_ops = decode_ops(smol, ids, DynamicCache)[0]
     for name, policy in (("H2O", H2O(budget=0.5)), ("SnapKV", SnapKV(budget=0.5)), ("TOVA", TOVA(budget=0.5))):
-        ops = ops_per_step(smol, ids, lambda policy=policy: PrunedCache(policy))
+        ops = decode_ops(smol, ids, lambda policy=policy: PrunedCache(policy))[0]
         print(f"| {name} budget 0.5, slack 0 | {ops:.0f} | {base_ops:.0f} | {ops / base_ops:.2f}x |")
     print()
     print("| prefill scoring, one SmolLM2 layer (9 q / 3 kv heads, dim 64) | peak extra MiB | naive n x n fp32 MiB |")
@@ -289,6 +321,8 @@ def main(argv=None) -> int:
     for length in (2048, 8192):
         naive = 9 * length * length * 4 / 2**20
         print(f"| {length} tokens | {scoring_peak_mib(length):.0f} | {naive:.0f} |")
+    print()
+    print("\n".join(quantized_decode_table(smol, steps)))
     if not args.skip_prefill_memory:
         print()
         print("\n".join(prefill_memory_table()))
