@@ -74,10 +74,15 @@ def test_a_decoding_step_makes_no_host_sync(model, name, slack, padded):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("slack", [0, 16])
-def test_a_decoding_step_on_quantized_storage_makes_no_host_sync(model, name, slack):
+@pytest.mark.parametrize("padded", [False, True], ids=["single", "padded"])
+def test_a_decoding_step_on_quantized_storage_makes_no_host_sync(model, name, slack, padded):
     """Evictions drop slots in place; after the flush each region is cut to host-sized bounds, so
     decoding past flushes (a group of 8 fills every 8 steps) and block-table squeezes needs no sync."""
-    ids, mask = left_pad([random_ids(1, 48, seed=5)[0], random_ids(1, 37, seed=6)[0]])
+    if padded:
+        ids, mask = left_pad([random_ids(1, 48, seed=5)[0], random_ids(1, 37, seed=6)[0]])
+    else:
+        ids = random_ids(1, 48, seed=5)
+        mask = torch.ones_like(ids)
     quant = KVQuant(bits=4, group_size=8, residual=4)
     policy = make_policy(name, 24)
     if isinstance(policy, QuantizedPruning):  # memory for 24 slots per head at 4 bits (bytes_for_slots: 2,704)
