@@ -151,10 +151,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_quantized.md"))
     parser.add_argument("--methods", default=None,
-                        help="comma-separated method names to run (default: all); the verdict needs "
+                        help="method names separated by semicolons (default: all); the verdict needs "
                              "'eviction only: snapkv' and the three fixed-bit quantized pruning rows")
     args = parser.parse_args()
-    methods = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    methods = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(";")]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; accepted: {list(METHODS)}")
