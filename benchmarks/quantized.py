@@ -89,7 +89,8 @@ def run_method(name: str):
         if not isinstance(cache, DynamicCache):
             shares.append(kv_bytes(cache) / full)
             layer = cache.layers[0]
-            slots.append(getattr(layer, "num_slots", None) or layer.get_seq_length())
+            # tokens held: the valid slots of the fullest head (holes left by in-place eviction excluded)
+            slots.append(getattr(layer, "kept_slots", None) or layer.get_seq_length())
 
     hits = {}
     for task, cases in (("passkey", passkey), ("fact", fact)):
