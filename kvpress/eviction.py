@@ -104,7 +104,8 @@ def make_room(layer: PrunedLayer, q: int) -> None:
     if slots.quantized is not None or slots.used + q <= slots.capacity:
         return
     policy = layer.cache.policy
-    if not slots.exact_prefix and policy is not None:
+    # without a policy only a sliding window leaves holes (a model whose every layer slides)
+    if not slots.exact_prefix and (policy is not None or layer.sliding_window is not None):
         since = layer.tokens_since_eviction
         width = min(slots.used, held_bound(layer))
         # valid slots first, in slot (temporal) order; a host bound, so no sync

@@ -48,6 +48,19 @@ def test_a_budget_at_least_the_window_equals_transformers_sliding_layers(family)
         assert all(layer.kept_slots == 15 for layer in cache.layers)  # window - 1, as transformers keeps
 
 
+def test_without_a_policy_a_sliding_layer_squeezes_its_holes():
+    """The window's evictions leave holes; without a policy they were never squeezed, so storage grew
+    with the sequence (capacity 121 after 110 tokens for a 16-token window)."""
+    model = tiny_model("mistral", "sdpa", **SLIDING["mistral"])
+    ids = random_ids(1, 30, seed=3)
+    settings = dict(max_new_tokens=80, do_sample=False, pad_token_id=0)
+    reference = model.generate(ids, cache=DynamicCache(config=model.config), **settings)
+    cache = PrunedCache(None)
+    assert torch.equal(model.generate(ids, cache=cache, **settings), reference)
+    for layer in cache.layers:
+        assert layer.kept_slots == 15 and layer.slots.capacity <= 2 * 16, layer.slots.capacity
+
+
 def test_the_reproduced_case_no_longer_keeps_42_slots():
     model = tiny_model("mistral", "eager", sliding_window=64)
     cache = PrunedCache(H2O(budget=8, window=2))
