@@ -162,6 +162,29 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
+def unpack_float(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`unpack` straight into fp32 (what dequantization multiplies), one strided write per code position
+    of a byte: about 3x faster on a CPU than unpacking to uint8 and converting."""
+    per = 8 // bits
+    if per == 1:
+        return packed.float()
+    mask = (1 << bits) - 1
+    out = torch.empty(*packed.shape, per, dtype=torch.float32, device=packed.device)
+    for i in range(per):
+        out[..., i] = (packed >> (i * bits)) & mask
+    return out.view(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def rows_of_blocks(table: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """`table [..., NB, C]` (per-block key scales or zeros) -> `[..., N, C]`, the row of each slot's block
+    `block [..., N]`: one `index_select` over the flattened table (an order of magnitude faster on a CPU
+    than a `gather` with an index expanded over the channels)."""
+    *lead, blocks, channels = table.shape
+    tables = torch.arange(math.prod(lead), device=block.device).view(*lead, 1)
+    rows = block + tables * blocks
+    return table.reshape(-1, channels).index_select(0, rows.reshape(-1)).view(*block.shape, channels)
+
+
 def affine_params(low: torch.Tensor, high: torch.Tensor, levels: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (= the group minimum) stored in `dtype`."""
     scale = ((high.float() - low.float()) / levels).to(dtype)
@@ -186,7 +209,7 @@ def quantize_values(x: torch.Tensor, bits: int, group: int):
 
 
 def dequantize_values(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    codes = unpack(packed, bits).float()
+    codes = unpack_float(packed, bits)
     group = codes.shape[-1] // scale.shape[-1]
     grouped = codes.reshape(*codes.shape[:-1], scale.shape[-1], group)
     out = grouped * scale.float()[..., None] + zero.float()[..., None]
@@ -231,9 +254,8 @@ def block_of_slot(counts: torch.Tensor, slots: int) -> torch.Tensor:
 def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block: torch.Tensor,
                     bits: int) -> torch.Tensor:
     """`packed [B, H, N, Dp]`, per-block `scale/zero [B, H, NB, D]`, `block [B, H, N]` -> `[B, H, N, D]`."""
-    codes = unpack(packed, bits).float()
-    index = block[..., None].expand(*block.shape, scale.shape[-1])
-    out = codes * scale.float().gather(-2, index) + zero.float().gather(-2, index)
+    codes = unpack_float(packed, bits)
+    out = codes * rows_of_blocks(scale, block).float() + rows_of_blocks(zero, block).float()
     return out.to(scale.dtype)
 
 
@@ -309,12 +331,12 @@ class QuantizedStore:
         parts = []
         if start < quantized:
             end = min(stop, quantized)
-            codes = unpack((self.key_codes if keys else self.value_codes)[..., start:end, :], self.quant.bits).float()
-            if keys:  # per-channel parameters of each slot's block, gathered for these slots only
+            codes = unpack_float((self.key_codes if keys else self.value_codes)[..., start:end, :], self.quant.bits)
+            if keys:  # per-channel parameters of each slot's block, for these slots only
                 ends = self.key_counts.long().cumsum(-1)  # [B, H, NB]
                 slots = torch.arange(start, end, device=ends.device).expand(*ends.shape[:-1], end - start)
-                index = torch.searchsorted(ends, slots.contiguous(), right=True)[..., None].expand(*slots.shape, codes.shape[-1])
-                out = codes * self.key_scale.gather(-2, index).float() + self.key_zero.gather(-2, index).float()
+                block = torch.searchsorted(ends, slots.contiguous(), right=True)
+                out = codes * rows_of_blocks(self.key_scale, block).float() + rows_of_blocks(self.key_zero, block).float()
             else:  # per-slot groups of channels
                 scale, zero = self.value_scale[..., start:end, :], self.value_zero[..., start:end, :]
                 grouped = codes.view(*codes.shape[:-1], scale.shape[-1], -1)
