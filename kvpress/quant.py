@@ -164,7 +164,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_float(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """`unpack` straight into fp32 (what dequantization multiplies), one strided write per code position
-    of a byte: about 3x faster on a CPU than unpacking to uint8 and converting."""
+    of a byte: faster on a CPU than unpacking to uint8 and converting."""
     per = 8 // bits
     if per == 1:
         return packed.float()
@@ -177,8 +177,8 @@ def unpack_float(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def rows_of_blocks(table: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """`table [..., NB, C]` (per-block key scales or zeros) -> `[..., N, C]`, the row of each slot's block
-    `block [..., N]`: one `index_select` over the flattened table (an order of magnitude faster on a CPU
-    than a `gather` with an index expanded over the channels)."""
+    `block [..., N]`: one `index_select` over the flattened table (on a CPU much faster than a `gather`
+    with an index expanded over the channels)."""
     *lead, blocks, channels = table.shape
     tables = torch.arange(math.prod(lead), device=block.device).view(*lead, 1)
     rows = block + tables * blocks
