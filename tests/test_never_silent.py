@@ -53,7 +53,7 @@ def test_without_a_policy_a_sliding_layer_squeezes_its_holes():
     with the sequence (capacity 121 after 110 tokens for a 16-token window)."""
     model = tiny_model("mistral", "sdpa", **SLIDING["mistral"])
     ids = random_ids(1, 30, seed=3)
-    settings = dict(max_new_tokens=80, do_sample=False, pad_token_id=0)
+    settings = {"max_new_tokens": 80, "do_sample": False, "pad_token_id": 0}
     reference = model.generate(ids, cache=DynamicCache(config=model.config), **settings)
     cache = PrunedCache(None)
     assert torch.equal(model.generate(ids, cache=cache, **settings), reference)

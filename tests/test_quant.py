@@ -104,7 +104,7 @@ def test_flush_keeps_residual_between_residual_and_residual_plus_group():
 
 
 def test_eviction_gathers_quantized_slots_without_requantizing():
-    store, keys, _ = _store(slots=50)
+    store, _, _ = _store(slots=50)
     before_k, before_v = store.dequantize()
     full_k = torch.cat([before_k, store.residual_keys], dim=-2)
     full_v = torch.cat([before_v, store.residual_values], dim=-2)
@@ -137,7 +137,7 @@ def test_eviction_gathers_quantized_slots_without_requantizing():
 
 def test_heads_with_more_live_blocks_than_the_reserve_are_repacked():
     quant = KVQuant(bits=4, group_size=8, residual=0)
-    store, keys, _ = _store(slots=128, quant=quant)
+    store, _, _ = _store(slots=128, quant=quant)
     assert store.key_counts.shape[-1] == 16
     before_k, _ = store.dequantize()
     # head (0, 0) keeps 2 of 8 slots of every block: 16 live blocks > 4 + 1, re-packed;
@@ -285,7 +285,7 @@ def test_quantized_eviction_in_place_keeps_the_tokens_full_precision_keeps():
         keys = torch.cat([store.dequantize_keys(), store.residual_keys], dim=-2)
         for b in range(2):
             for h in range(2):
-                at = lambda layer: layer.positions[b, h][layer.valid[b, h]]
+                at = lambda layer, b=b, h=h: layer.positions[b, h][layer.valid[b, h]]
                 assert sorted(at(quantized).tolist()) == sorted(at(plain).tolist()), (b, h)
                 order_p, order_q = at(plain).argsort(), at(quantized).argsort()
                 want = plain.keys[b, h][plain.valid[b, h]][order_p]
