@@ -154,12 +154,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: `[..., Dp]` uint8 -> `[..., Dp * 8 / bits]` uint8 codes."""
-    per = 8 // bits
-    if per == 1:
-        return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    return packed if bits == 8 else unpack_float(packed, bits).to(torch.uint8)
 
 
 def unpack_float(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -244,10 +239,11 @@ def quantize_key_blocks(x: torch.Tensor, bits: int, group: int, valid: torch.Ten
     return pack(codes, bits), scale, zero, counts
 
 
-def block_of_slot(counts: torch.Tensor, slots: int) -> torch.Tensor:
-    """`[B, H, N]` long: the key block of each quantized slot, from per-block counts `[B, H, NB]`."""
+def block_of_slot(counts: torch.Tensor, stop: int, start: int = 0) -> torch.Tensor:
+    """`[B, H, stop - start]` long: the key block of quantized slots `start .. stop - 1`, from per-block
+    counts `[B, H, NB]`."""
     ends = counts.long().cumsum(-1)  # [B, H, NB]
-    index = torch.arange(slots, device=counts.device).expand(*counts.shape[:-1], slots).contiguous()
+    index = torch.arange(start, stop, device=counts.device).expand(*counts.shape[:-1], stop - start).contiguous()
     return torch.searchsorted(ends, index, right=True)
 
 
@@ -333,9 +329,7 @@ class QuantizedStore:
             end = min(stop, quantized)
             codes = unpack_float((self.key_codes if keys else self.value_codes)[..., start:end, :], self.quant.bits)
             if keys:  # per-channel parameters of each slot's block, for these slots only
-                ends = self.key_counts.long().cumsum(-1)  # [B, H, NB]
-                slots = torch.arange(start, end, device=ends.device).expand(*ends.shape[:-1], end - start)
-                block = torch.searchsorted(ends, slots.contiguous(), right=True)
+                block = block_of_slot(self.key_counts, end, start)
                 out = codes * rows_of_blocks(self.key_scale, block).float() + rows_of_blocks(self.key_zero, block).float()
             else:  # per-slot groups of channels
                 scale, zero = self.value_scale[..., start:end, :], self.value_zero[..., start:end, :]
