@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import AttentionInterface
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "falcon (RoPE)")
 
 
 class Handoff:
@@ -60,7 +60,7 @@ def take_handoff(key: torch.Tensor) -> Handoff | None:
 
 def leave_handoff(handoff: Handoff) -> None:
     """Called by `PrunedLayer.update`. An unconsumed handoff from the same cache and forward means the
-    previous layer's attention never went through the interface (e.g. Falcon calls SDPA directly)."""
+    previous layer's attention never went through the interface (a model that calls SDPA itself)."""
     stale = getattr(_local, "handoff", None)
     if stale is not None and stale.cache is not None and stale.cache is handoff.cache \
             and stale.forward == handoff.forward:

@@ -190,6 +190,11 @@ class PrunedLayer(DynamicLayer):
             )
         if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
             raise NotImplementedError("PrunedCache supports causal decoder attention only.")
+        if getattr(getattr(module, "config", None), "alibi", False):
+            raise NotImplementedError(
+                "ALiBi models (config.alibi=True) add their position bias to the attention mask, which PrunedCache "
+                "rebuilds from the kept slots after an eviction. Supported model families: "
+                + ", ".join(hook.SUPPORTED_FAMILIES))
         if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
             raise NotImplementedError(
                 "Attention sinks / position biases are not supported. Supported model families: "

@@ -66,7 +66,7 @@ def test_ragged_budgets_leave_masked_holes():
     assert [row.kept for row in cache.report().layers] == [int(layer.valid[0].sum(-1).max()) for layer in cache.layers]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "phi3", "falcon"])
 def test_batch_equals_single_on_other_families(family):
     model = tiny_model(family, "eager")
     rows = [random_ids(1, 33, seed=4)[0], random_ids(1, 19, seed=5)[0]]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 from transformers import DynamicCache, FalconConfig, FalconForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvpress import PrunedCache
 from kvpress.policies import H2O, Knorm, SnapKV
@@ -92,11 +93,44 @@ def test_crop_is_refused_except_zero():
         cache.crop(-1)
 
 
+class AttentionCalledDirectly(torch.nn.Module):
+    """A Llama attention that updates the cache and then calls SDPA itself, bypassing transformers'
+    AttentionInterface (as Falcon did before transformers 5.25)."""
+
+    def __init__(self, original):
+        super().__init__()
+        self.original = original
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        attn = self.original
+        shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+        query = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        key, value = cache.update(key, value, attn.layer_idx)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+        return attn.o_proj(out.transpose(1, 2).flatten(2)), None
+
+
 def test_model_bypassing_the_attention_interface_is_detected():
-    config = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          new_decoder_architecture=False, multi_query=True)
+    model = tiny_model("llama", "sdpa")
+    for decoder_layer in model.model.layers:
+        decoder_layer.self_attn = AttentionCalledDirectly(decoder_layer.self_attn)
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        model(ids, cache=DynamicCache())  # the stand-in model itself runs
+        with pytest.raises(NotImplementedError, match="AttentionInterface.*Supported model families: llama"):
+            model(ids, cache=PrunedCache(H2O(budget=4, window=1)))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_alibi_falcon_is_refused_with_the_reason(attn):
+    config = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
+    config._attn_implementation = attn
     model = FalconForCausalLM(config).eval()
-    with pytest.raises(NotImplementedError, match="AttentionInterface.*Supported model families: llama"):
+    with pytest.raises(NotImplementedError, match=r"ALiBi models \(config.alibi=True\).*Supported model families"):
         with torch.no_grad():
             model(random_ids(1, 8, vocab=64), cache=PrunedCache(H2O(budget=4, window=1)))
 

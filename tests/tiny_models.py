@@ -22,6 +22,9 @@ FAMILIES = {
                {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6,
                 "layer_types": ["sliding_attention", "full_attention", "full_attention"]}),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"sliding_window": 2047}),  # as published
+    # RoPE Falcon with grouped KV heads (Falcon-40B/180B layout); ALiBi Falcon is refused by the library
+    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
+               {"new_decoder_architecture": True, "num_kv_heads": 2, "alibi": False}),
 }
 # Gemma2 refuses sdpa at load time.
 IMPLEMENTATIONS = {name: ("eager",) if name == "gemma2" else ("sdpa", "eager") for name in FAMILIES}
@@ -37,6 +40,9 @@ def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, **overr
     for module in model.modules():
         if hasattr(module, "q_proj"):
             module.q_proj.weight.data *= 4.0
+        elif hasattr(module, "query_key_value") and hasattr(module, "num_kv_heads"):  # Falcon's fused qkv
+            grouped = module.query_key_value.weight.data.view(module.num_kv_heads, -1, module.head_dim, config.hidden_size)
+            grouped[:, :-2] *= 4.0  # each KV group's query rows come before its key and value
     return model
 
 
