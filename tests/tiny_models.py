@@ -22,10 +22,12 @@ FAMILIES = {
                {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6,
                 "layer_types": ["sliding_attention", "full_attention", "full_attention"]}),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"sliding_window": 2047}),  # as published
-    # RoPE Falcon with grouped KV heads (Falcon-40B/180B layout); ALiBi Falcon is refused by the library
-    "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM,
-               {"new_decoder_architecture": True, "num_kv_heads": 2, "alibi": False}),
 }
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 25):
+    # from 5.25 Falcon resolves attention through the interface; RoPE with grouped KV heads (Falcon-40B/180B
+    # layout). ALiBi Falcon is refused by the library.
+    FAMILIES["falcon"] = (transformers.FalconConfig, transformers.FalconForCausalLM,
+                          {"new_decoder_architecture": True, "num_kv_heads": 2, "alibi": False})
 # Gemma2 refuses sdpa at load time.
 IMPLEMENTATIONS = {name: ("eager",) if name == "gemma2" else ("sdpa", "eager") for name in FAMILIES}
 
