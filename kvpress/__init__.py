@@ -10,11 +10,11 @@ ordinary cache are unaffected.
 
 from kvpress import hook as _hook
 from kvpress.cache import PrunedCache
+from kvpress.composition import CompositionError
 from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
 from kvpress.policy import (
     AttentionRequest,
-    CompositionError,
     EvictionPolicy,
     Policy,
     Selection,

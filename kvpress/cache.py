@@ -79,8 +79,8 @@ class PrunedCache(Cache):
     def _build_layers(self, config) -> None:
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         # a policy that lays out the tokens of a layer itself (LazyLLM) needs every layer to be one of ours
-        every_layer_slides = all(kind in SLIDING_TYPES for kind in layer_types) or getattr(
-            self.policy, "runs_decoder_layers", False)
+        every_layer_slides = all(kind in SLIDING_TYPES for kind in layer_types) or (
+            self.policy is not None and self.policy.runs_decoder_layers)
         layers = []
         for index, (kind, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
             if kind == "full_attention":
@@ -189,10 +189,10 @@ class PrunedCache(Cache):
     def report(self) -> CacheReport:
         """Per-layer tokens seen, slots kept, bytes held and evictions; the bytes of policy state kept across
         layers (LazyLLM's auxiliary cache, SpAtten's cascade); totals and kept/seen ratio. A policy
-        of the chain that evicts whole blocks (one with `block_size_of(layer)`, PagedEviction) adds the
+        of the chain that evicts whole blocks (`block_wise`, PagedEviction) adds the
         block size of each pruned layer, so the report also counts the blocks held."""
         rows = [_layer_report(i, layer) for i, layer in enumerate(self.layers)]
-        paged = next((member for member in self.chain if hasattr(member, "block_size_of")), None)
+        paged = next((member for member in self.chain if member.block_wise), None)
         if paged is not None:
             rows = [replace(row, block_size=paged.block_size_of(layer))
                     if isinstance(layer, PrunedLayer) and layer.is_initialized else row

@@ -101,7 +101,7 @@ def _decoder_layer_call(module, *args, **kwargs):
     else goes to the module as usual. Decoder layers receive the cache as the `cache` keyword."""
     cache = kwargs.get("cache")
     policy = getattr(cache, "policy", None)
-    if policy is not None and getattr(policy, "runs_decoder_layers", False):
+    if policy is not None and policy.runs_decoder_layers:
         return policy.run_decoder_layer(cache, module, _original_layer_call, args, kwargs)
     return _original_layer_call(module, *args, **kwargs)
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from kvpress import composition, registry
 from kvpress.state import ScoreState, State
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,9 +141,31 @@ class EvictionPolicy:
     budget: int | float
     sinks: int
     window: int
-    allocates_across_layers: bool = False
+
+    # ---- declared capabilities (class attributes; kvpress/composition.py decides from them) ----
+    spec_name: ClassVar[str]  # declared in a policy's class body: registers it (kvpress/registry.py)
+    allocates_across_layers: ClassVar[bool] = False  # chooses every layer's counts at the end of the prompt
+    owns_prefill: ClassVar[bool] = False  # scores need the model again after the prompt (`finish_prefill`)
+    runs_decoder_layers: ClassVar[bool] = False  # prunes what the decoder layers compute (`run_decoder_layer`)
+    sets_layer_counts: ClassVar[bool] = False  # layers keep different numbers of slots
+    sets_head_counts: ClassVar[bool] = False  # the KV heads of a layer keep different numbers of slots
+    same_tokens_in_every_head: ClassVar[bool] = False
+    block_wise: ClassVar[bool] = False  # evicts whole blocks of consecutive slots (`block_size_of`)
+    changes_scores: ClassVar[bool] = False  # a wrapper that rescores its inner policy's slots
+    couples_neighbouring_slots: ClassVar[bool] = False  # a wrapper whose score of a slot reads its neighbours'
+    needs_attention: ClassVar[bool] = False  # a wrapper that reads each slot's attention weight
+    sets_storage: ClassVar[bool] = False  # chooses the storage precision and the slots a memory holds
     # storage holds exactly the slots kept, no headroom for in-place decoding (a hard memory budget)
-    exact_storage: bool = False
+    exact_storage: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec_name" in cls.__dict__:
+            registry.register(cls)
+
+    def requests_attention(self) -> bool:
+        """Whether this policy (chain) asks the attention step for a signal in some phase."""
+        return self.request(PREFILL) is not None or self.request(DECODE) is not None
 
     # ---- structure ----
     def chain(self) -> list[EvictionPolicy]:
@@ -299,9 +322,6 @@ class Policy(EvictionPolicy):
     def __post_init__(self) -> None:
         check_budget(type(self).__name__, self.budget, self.sinks, self.window)
 
-    def requests_attention(self) -> bool:
-        return self.request(PREFILL) is not None or self.request(DECODE) is not None
-
     def new_layer_state(self, layer) -> State | None:
         if not self.requests_attention():
             return None
@@ -344,35 +364,22 @@ def top_k_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.
     return Selection(indices=indices, valid=keep_valid.gather(-1, perm))
 
 
-class CompositionError(ValueError):
-    """A wrapper and an inner policy that cannot work together; the message says which order works."""
-
-
 @dataclass
 class Wrapper(EvictionPolicy):
     """Base of policies that change the scores or budgets of an inner policy (VATP, CAOTE, ...).
     Every hook it does not override goes to the inner policy; the innermost policy's budget, sinks
     and window are what the cache enforces.
 
-    A wrapper that cannot work around some inner policy says so in `refuse(inner)`: the message is
-    raised when the wrapper is built (and so by the spec parser)."""
+    Which inner policies a wrapper composes with follows from the capabilities both declare
+    (kvpress/composition.py); a pair that cannot work raises `CompositionError` when the wrapper is
+    built (and so by the spec parser)."""
 
     inner: EvictionPolicy
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, EvictionPolicy):
             raise ValueError(f"{type(self).__name__}: inner must be a policy, got {self.inner!r}")
-        for policy in self.inner.chain():
-            problem = self.refuse(policy)
-            if getattr(policy, "runs_decoder_layers", False):
-                problem = (f"{type(policy).__name__} prunes what the model computes and never evicts from the cache, "
-                           "so there is nothing to rescore or reallocate; use it alone")
-            if problem:
-                raise CompositionError(f"{type(self).__name__}({type(self.inner).__name__}(...)): {problem}")
-
-    def refuse(self, inner: EvictionPolicy) -> str | None:
-        """Why this wrapper cannot wrap `inner` (any policy of the inner chain), or None."""
-        return None
+        composition.check(self)
 
     budget = property(lambda self: self.inner.budget)
     sinks = property(lambda self: self.inner.sinks)

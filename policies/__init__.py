@@ -1,72 +1,32 @@
-"""Eviction policies, one module each. `REGISTRY` maps lowercase names to classes (spec strings,
-`kvpress policies`)."""
+"""Eviction policies, one module each, found by themselves: every module of this folder (names not
+starting with '_') is imported, and each policy class that declares `spec_name` registers itself
+(kvpress/registry.py). `REGISTRY` maps those names to classes (spec strings, `kvpress policies`);
+the classes, and any other names a module lists in `__all__`, are exported here.
 
-from kvpress.policies.a2sf import A2SF
-from kvpress.policies.adakv import AdaKV
-from kvpress.policies.caote import CAOTE
-from kvpress.policies.expected_attention import ExpectedAttention
-from kvpress.policies.graphkv import GraphKV
-from kvpress.policies.h2o import H2O
-from kvpress.policies.knorm import Knorm
-from kvpress.policies.kvcompose import KVCompose
-from kvpress.policies.paged_eviction import PagedEviction
-from kvpress.policies.kvzip import KVzip, ReconstructionPrompt, kvzip_prefill
-from kvpress.policies.lazyllm import LazyLLM
-from kvpress.policies.pyramidkv import PyramidKV
-from kvpress.policies.quantized_pruning import QuantizedPruning
-from kvpress.policies.random_policy import RandomPolicy
-from kvpress.policies.snapkv import SnapKV
-from kvpress.policies.span import Span
-from kvpress.policies.spatten import SpAtten
-from kvpress.policies.streaming_llm import StreamingLLM
-from kvpress.policies.tova import TOVA
-from kvpress.policies.vatp import VATP
+Adding a policy is adding one file: see docs/architecture.md ("Adding a policy")."""
 
-REGISTRY = {
-    "h2o": H2O,
-    "knorm": Knorm,
-    "random": RandomPolicy,
-    "snapkv": SnapKV,
-    "streamingllm": StreamingLLM,
-    "tova": TOVA,
-    "quantizedpruning": QuantizedPruning,
-    "a2sf": A2SF,
-    "vatp": VATP,
-    "caote": CAOTE,
-    "graphkv": GraphKV,
-    "spatten": SpAtten,
-    "pyramidkv": PyramidKV,
-    "adakv": AdaKV,
-    "kvcompose": KVCompose,
-    "pagedeviction": PagedEviction,
-    "expectedattention": ExpectedAttention,
-    "span": Span,
-    "kvzip": KVzip,
-    "lazyllm": LazyLLM,
-}
+import importlib
+import pkgutil
 
-__all__ = [
-    "A2SF",
-    "CAOTE",
-    "H2O",
-    "REGISTRY",
-    "TOVA",
-    "VATP",
-    "AdaKV",
-    "ExpectedAttention",
-    "GraphKV",
-    "KVCompose",
-    "KVzip",
-    "LazyLLM",
-    "Knorm",
-    "PagedEviction",
-    "PyramidKV",
-    "QuantizedPruning",
-    "RandomPolicy",
-    "ReconstructionPrompt",
-    "SnapKV",
-    "SpAtten",
-    "Span",
-    "StreamingLLM",
-    "kvzip_prefill",
-]
+from kvpress.registry import REGISTRY
+
+
+def discover() -> list[str]:
+    """Import every policy module of this package's path and export what registered. Returns the
+    module names imported. Safe to call again (a module is imported once)."""
+    found, exported = [], {"REGISTRY", "discover"}
+    for module_info in pkgutil.iter_modules(__path__):
+        if module_info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        found.append(module_info.name)
+        for name in getattr(module, "__all__", ()):
+            globals()[name] = getattr(module, name)
+            exported.add(name)
+    for cls in REGISTRY.values():
+        globals()[cls.__name__] = cls
+        exported.add(cls.__name__)
+    globals()["__all__"] = sorted(exported)
+    return found
+
+discover()

@@ -27,6 +27,8 @@ class A2SF(Policy):
     step outside the window, like H2O [our choice, docs/policies.md].
     """
 
+    spec_name = "a2sf"
+
     budget: int | float = 256
     window: int = 16
     forgetting: float = 0.95

@@ -31,28 +31,15 @@ class AdaKV(Wrapper):
     the other order is refused when built.
     """
 
+    spec_name = "adakv"
+    sets_head_counts = True
+
     floor: float = 0.2
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
             raise ValueError(f"AdaKV: floor must be a float in [0, 1], got {self.floor!r}")
-
-    def refuse(self, inner):
-        from kvpress.policies.kvcompose import KVCompose
-        from kvpress.policies.paged_eviction import PagedEviction
-        from kvpress.policies.spatten import SpAtten
-
-        if isinstance(inner, SpAtten):
-            return "SpAtten prunes the same tokens in every head of a layer, so per-head budgets do not apply; use spatten alone"
-        if isinstance(inner, AdaKV):
-            return "AdaKV appears twice; use one adakv(...)"
-        if isinstance(inner, KVCompose):
-            return ("KVCompose chooses its per-layer and per-head counts by one global ranking; use kvcompose alone "
-                    "(structured=false gives each head its own count)")
-        if isinstance(inner, PagedEviction):
-            return "PagedEviction evicts the same whole blocks in every KV head; use pagedeviction alone"
-        return None
 
     def keep_counts(self, layer) -> torch.Tensor:
         uniform = self.inner.keep_counts(layer)  # [B, Hkv]

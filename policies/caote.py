@@ -28,18 +28,11 @@ class CAOTE(Wrapper):
     scoring. CAOTE needs attention weights: attention-free inner policies are refused.
     """
 
+    spec_name = "caote"
+    changes_scores = True
+    needs_attention = True
+
     fast: bool = False
-
-    def refuse(self, inner):
-        from kvpress.policies.adakv import AdaKV
-        from kvpress.policy import Policy
-
-        if isinstance(inner, AdaKV):
-            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(caote(...))"
-        if isinstance(inner, Policy) and not inner.requests_attention():
-            return (f"{type(inner).__name__} computes no attention, and CAOTE needs the attention weight of each "
-                    "slot; wrap an attention-scoring policy such as h2o, snapkv, tova or a2sf")
-        return None
 
     def score(self, layer) -> torch.Tensor:
         valid = layer.valid  # [B, Hkv, P]

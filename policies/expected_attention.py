@@ -38,6 +38,8 @@ class ExpectedAttention(Policy):
     model's RoPE frequencies (`rope_frequencies`).
     """
 
+    spec_name = "expectedattention"
+
     budget: int | float = 0.25
     sinks: int = 4
     future: int = 512

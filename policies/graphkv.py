@@ -31,6 +31,9 @@ class GraphKV(Wrapper):
     steps for policies that evict while decoding). No state.
     """
 
+    spec_name = "graphkv"
+    changes_scores = True
+
     seeds: int | float = 0.125
     neighbours: int = 2
     rounds: int = 2
@@ -46,17 +49,6 @@ class GraphKV(Wrapper):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GraphKV: {name} must be an int >= 1, got {value!r}")
-
-    def refuse(self, inner):
-        from kvpress.policies.adakv import AdaKV
-        from kvpress.policies.paged_eviction import PagedEviction
-
-        if isinstance(inner, AdaKV):
-            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(graphkv(...))"
-        if isinstance(inner, PagedEviction):
-            return ("PagedEviction ranks whole blocks with the same scores in every KV head; a per-head score would "
-                    "split its blocks; use pagedeviction alone (its token_score chooses the norms)")
-        return None
 
     def score(self, layer) -> torch.Tensor:
         candidates = self.eligible(layer) & ~self.protected(layer)  # [B, Hkv, P]

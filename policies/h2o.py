@@ -23,6 +23,8 @@ class H2O(Policy):
     Defaults: budget 0.2 (heavy 10% + recent 10% in the paper), window 32, no sinks.
     """
 
+    spec_name = "h2o"
+
     budget: int | float = 0.2
     window: int = 32
     normalize: bool = False

@@ -18,6 +18,8 @@ class Knorm(Policy):
     the keys, so the norm carries little signal there.
     """
 
+    spec_name = "knorm"
+
     budget: int | float = 0.5
 
     def score(self, layer) -> torch.Tensor:

@@ -48,6 +48,10 @@ class KVCompose(Policy):
     lower bound); window 32 and budget 0.2 [our choice].
     """
 
+    spec_name = "kvcompose"
+    sets_layer_counts = True
+    sets_head_counts = True
+
     budget: int | float = 0.2
     window: int = 32
     structured: bool = True

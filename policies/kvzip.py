@@ -14,6 +14,9 @@ from kvpress.state import ScoreState
 ROW_CHUNK = 256  # query rows per block when recomputing attention probabilities
 
 
+__all__ = ["KVzip", "ReconstructionPrompt", "kvzip_prefill"]
+
+
 @dataclass
 class KVzip(Policy):
     """Score each slot by the largest attention it receives while the model reconstructs the context,
@@ -39,6 +42,9 @@ class KVzip(Policy):
     decode-time eviction takes the prompt's least reconstructed slots first [our choice]. Defaults as NVIDIA kvpress's KVzipPress: 4 sinks kept, chunks of 2048
     (the authors' code: 2000), overlap 8. State per layer: `scores [B, Hkv, P]` (the max attention).
     """
+
+    spec_name = "kvzip"
+    owns_prefill = True
 
     budget: int | float = 0.25
     sinks: int = 4

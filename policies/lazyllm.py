@@ -91,6 +91,8 @@ class LazyLLM(EvictionPolicy):
     full-attention layer: a sliding layer holds only its window, so it could rank nothing older.
     """
 
+    spec_name = "lazyllm"
+
     schedule: tuple = ((0.25, 0.7), (0.5, 0.5), (0.75, 0.3))
     runs_decoder_layers: ClassVar[bool] = True
     budget: ClassVar[float] = 1.0  # never evicts

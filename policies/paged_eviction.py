@@ -54,6 +54,10 @@ class PagedEviction(Policy):
     (vLLM's page size), budget 0.2 [our choice; the paper's budgets are unverified].
     """
 
+    spec_name = "pagedeviction"
+    block_wise = True
+    same_tokens_in_every_head = True
+
     budget: int | float = 0.2
     block_size: int = 16
     token_score: str = "v_over_k"

@@ -25,30 +25,15 @@ class PyramidKV(Wrapper):
     here the cap above handles short prompts (NVIDIA kvpress) [our choice].
     """
 
+    spec_name = "pyramidkv"
+    sets_layer_counts = True
+
     beta: float = 20.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
             raise ValueError(f"PyramidKV: beta must be a number >= 1 (top/bottom budget ratio), got {self.beta!r}")
-
-    def refuse(self, inner):
-        from kvpress.policies.adakv import AdaKV
-        from kvpress.policies.kvcompose import KVCompose
-        from kvpress.policies.paged_eviction import PagedEviction
-        from kvpress.policies.spatten import SpAtten
-
-        if isinstance(inner, AdaKV):
-            return "AdaKV shares a layer's budget across its heads; put it outside: adakv(pyramidkv(...))"
-        if isinstance(inner, PyramidKV):
-            return "PyramidKV appears twice; use one pyramidkv(...) with the beta you want"
-        if isinstance(inner, SpAtten):
-            return "SpAtten sets its own per-layer budgets (token_beta); use spatten alone"
-        if isinstance(inner, KVCompose):
-            return "KVCompose allocates the layers' budgets by one global ranking; use kvcompose alone"
-        if isinstance(inner, PagedEviction):
-            return "PagedEviction keeps one budget per layer and evicts whole blocks; use pagedeviction alone"
-        return None
 
     def slot_bound(self, layer) -> int:
         return min(layer.seen, 2 * self.inner.slot_bound(layer))  # the lowest layer keeps at most 2x the mean

@@ -34,6 +34,9 @@ class QuantizedPruning(Wrapper):
     group in full precision so that the memory goes to prompt tokens.
     """
 
+    spec_name = "quantizedpruning"
+    sets_storage = True
+
     memory: int | str = "64MiB"
     bits: int | None = None
     group_size: int = 32
@@ -56,11 +59,6 @@ class QuantizedPruning(Wrapper):
         return self.memory_bytes // (max(layers, 1) * layer.num_heads)
 
     exact_storage = True  # `memory` is a hard limit: no storage headroom beyond the slots kept
-
-    def refuse(self, inner):
-        if isinstance(inner, QuantizedPruning):
-            return "QuantizedPruning appears twice; use one quantizedpruning(...)"
-        return None
 
     def storage(self, layer) -> KVQuant | None:
         """Storage the cache uses for `layer` (None: full precision, chosen by the rule), wherever this

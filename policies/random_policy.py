@@ -33,6 +33,8 @@ class RandomPolicy(Policy):
     alone or in any batch order, and the policy keeps no state. With `budget=1.0` it never evicts.
     """
 
+    spec_name = "random"
+
     budget: int | float = 0.25
     seed: int = 0
 

@@ -23,6 +23,8 @@ class SnapKV(Policy):
     exceeds budget + the cache's slack [our choice, documented in docs/policies.md].
     """
 
+    spec_name = "snapkv"
+
     budget: int | float = 1024
     window: int = 32
     kernel: int = 7

@@ -24,6 +24,10 @@ class Span(Wrapper):
     evicted holes) never lend their score. No state of its own.
     """
 
+    spec_name = "span"
+    changes_scores = True
+    couples_neighbouring_slots = True
+
     kernel: int = 7
     pooling: str = "max"
 
@@ -33,13 +37,6 @@ class Span(Wrapper):
             raise ValueError(f"Span: kernel must be an odd int >= 1 (slots pooled), got {self.kernel!r}")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"Span: pooling must be 'max' or 'avg', got {self.pooling!r}")
-
-    def refuse(self, inner):
-        from kvpress.policies.adakv import AdaKV
-
-        if isinstance(inner, AdaKV):
-            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(span(...))"
-        return None
 
     def score(self, layer) -> torch.Tensor:
         return pool_valid(self.inner.score(layer).float(), layer.valid, self.kernel, self.pooling)

@@ -115,6 +115,10 @@ class SpAtten(Policy):
     attention. State: `CascadeState`, one per cache, owned by the cache (kvpress/state.py).
     """
 
+    spec_name = "spatten"
+    sets_layer_counts = True
+    same_tokens_in_every_head = True
+
     budget: int | float = 0.25
     window: int = 16
     token_beta: float = 3.0

@@ -19,6 +19,8 @@ class StreamingLLM(Policy):
     Defaults: 4 sinks (the paper's), budget 0.25 of the tokens seen.
     """
 
+    spec_name = "streamingllm"
+
     budget: int | float = 0.25
     sinks: int = 4
     window: int = 0

@@ -19,6 +19,8 @@ class TOVA(Policy):
     default (sinks = window = 0), as in the paper.
     """
 
+    spec_name = "tova"
+
     budget: int | float = 0.25
 
     def request(self, phase: str) -> AttentionRequest:

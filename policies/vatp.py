@@ -25,23 +25,15 @@ class VATP(Wrapper):
     [our choice]. State: the inner policy's; value norms are recomputed from the cache when it selects.
     """
 
+    spec_name = "vatp"
+    changes_scores = True
+
     sink_tokens: int = 20
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"VATP: sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
-
-    def refuse(self, inner):
-        from kvpress.policies.adakv import AdaKV
-        from kvpress.policies.paged_eviction import PagedEviction
-
-        if isinstance(inner, AdaKV):
-            return "AdaKV distributes the budget by its own scores; put AdaKV outside: adakv(vatp(...))"
-        if isinstance(inner, PagedEviction):
-            return ("PagedEviction ranks whole blocks with the same scores in every KV head; a per-head score would "
-                    "split its blocks; use pagedeviction alone (its token_score chooses the norms)")
-        return None
 
     def score(self, layer) -> torch.Tensor:
         inner = shift_nonnegative(self.inner.score(layer).float(), layer.valid)  # [B, Hkv, P]

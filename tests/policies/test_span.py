@@ -6,7 +6,7 @@ from policy_helpers import prefill, tiny_model, token_ids
 
 from kvpress.policies import H2O, AdaKV, SnapKV, Span
 from kvpress.policies.span import pool_valid
-from kvpress.policy import CompositionError
+from kvpress.composition import CompositionError
 
 
 def naive_pool(scores, valid, kernel, pooling):
