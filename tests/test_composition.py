@@ -12,7 +12,17 @@ from registry_policies import generate, make_policy
 from tiny_models import left_pad, random_ids, tiny_model
 
 from kvpress import CompositionError, PrunedCache
-from kvpress.policies import H2O, REGISTRY, TOVA, AdaKV, PagedEviction, PyramidKV, QuantizedPruning, SnapKV, Span
+from kvpress.policies import (
+    H2O,
+    REGISTRY,
+    TOVA,
+    AdaKV,
+    PagedEviction,
+    PyramidKV,
+    QuantizedPruning,
+    SnapKV,
+    Span,
+)
 from kvpress.policy import Wrapper
 from kvpress.spec import parse_spec
 

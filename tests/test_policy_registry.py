@@ -7,8 +7,7 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
-import kvpress.policies as policies
-from kvpress import PrunedCache
+from kvpress import PrunedCache, policies
 from kvpress.cli import describe_policies
 from kvpress.registry import REGISTRY, unregister
 from kvpress.spec import build_cache, parse_spec
