@@ -52,7 +52,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress import PrunedCache, PrunedLayer, hook, load_model
-from kvpress.policies import KVzip, kvzip_prefill
+from kvpress.policies import KVzip
 from kvpress.spec import build_cache, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,8 +228,8 @@ def measure(model, tokenizer, task: str, ids, answer: str, reference, logits, ca
         replay(calls, cache)
     else:
         cache = build_cache(parse_spec(spec_of(name, budget, model, ids.shape[1])))
-        if any(isinstance(p, KVzip) for p in cache.chain):  # scored by reconstruction forwards: no replay
-            logits = kvzip_prefill(model, ids, cache, tokenizer)[0, -1]
+        if cache.prefill_owner is not None:  # KVzip: scored by reconstruction forwards, no replay
+            logits = cache.prefill(model, ids, tokenizer=tokenizer)[0, -1]
         else:
             replay(calls, cache)
     row = {"policy": name, "budget": budget if name != "full" else 1.0, "task": task,
@@ -271,7 +271,7 @@ def kvzip_cost(model, tokenizer, tasks, budget: float = 0.2) -> list[str]:
         model(ids, cache=PrunedCache(None), use_cache=True, logits_to_keep=1)
         plain = time.time() - began
         began = time.time()
-        kvzip_prefill(model, ids, PrunedCache(KVzip(budget=budget)), tokenizer)
+        PrunedCache(KVzip(budget=budget)).prefill(model, ids, tokenizer=tokenizer)
         zipped = time.time() - began
         lines.append(f"| {task} 0 | {ids.shape[1]} | {plain:.1f} | {zipped:.1f} | {zipped / plain:.2f}x |")
     return lines

@@ -118,7 +118,7 @@ def main() -> None:
             full.append(run(model, ids, DynamicCache(), args.new_tokens))
             cache = PrunedCache(policy)
             lazy.append(run(model, ids, cache, args.new_tokens))
-        state = cache.shared[cache.depth_of(cache.chain[0])]
+        state = cache.shared_state(cache.chain[0])
         ttft = [statistics.median(r["ttft"] for r in runs) for runs in (full, lazy)]
         total = [statistics.median(r["total"] for r in runs) for runs in (full, lazy)]
         same = sum(a == b for a, b in zip(full[0]["tokens"], lazy[0]["tokens"]))

@@ -17,12 +17,13 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from kvpress import hook
+from kvpress.context import CrossLayerState, LayerContext
 from kvpress.eviction import allocate_across_layers
 from kvpress.layer import PrunedLayer
 from kvpress.policy import EvictionPolicy
 from kvpress.quant import KVQuant
 from kvpress.report import CacheReport, LayerReport
-from kvpress.state import State
 
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -71,22 +72,28 @@ class PrunedCache(Cache):
             self._build_layers(config)
 
     def _start(self) -> None:
-        self.forward_index = 0
         self._last_layer = -1
-        self.shared: dict[int, State] = {}  # depth of a policy in the chain -> its cross-layer state
-        self.prefill_pending = False  # a cross-layer allocation waits for the end of the prompt
+        self.shared = CrossLayerState()  # the policies' cross-layer state, handed to every layer's context
+        for layer in self.pruned_layers():
+            layer.rebind(replace(layer.context, shared=self.shared), layer.sliding_window)
+
+    def _context(self, pruned_index: int = 0, pruned_count: int = 1) -> LayerContext:
+        return LayerContext(policy=self.policy, chain=tuple(self.chain), slack=self.slack,
+                            quantization=self.quantization, pruned_index=pruned_index,
+                            pruned_count=pruned_count, shared=self.shared)
 
     def _build_layers(self, config) -> None:
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         # a policy that lays out the tokens of a layer itself (LazyLLM) needs every layer to be one of ours
         every_layer_slides = all(kind in SLIDING_TYPES for kind in layer_types) or (
             self.policy is not None and self.policy.runs_decoder_layers)
+        pruned = [kind == "full_attention" or (kind in SLIDING_TYPES and every_layer_slides) for kind in layer_types]
         layers = []
         for index, (kind, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
-            if kind == "full_attention":
-                layers.append(PrunedLayer(self, index))
-            elif kind in SLIDING_TYPES and every_layer_slides:
-                layers.append(PrunedLayer(self, index, sliding_window=kwargs["sliding_window"]))
+            if pruned[index]:
+                context = self._context(sum(pruned[:index]), sum(pruned))
+                window = kwargs["sliding_window"] if kind in SLIDING_TYPES else None
+                layers.append(PrunedLayer(context, index, sliding_window=window))
             elif kind in DYNAMIC_LAYER_TYPE_MAPPING:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
             else:
@@ -96,24 +103,68 @@ class PrunedCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx <= self._last_layer:
-            self.forward_index += 1
+            self.shared.forward_index += 1
         self._last_layer = layer_idx
-        if self.prefill_pending and key_states.shape[-2] == 1:
+        if self.shared.allocation_pending and key_states.shape[-2] == 1:
             self.end_prefill()
-        return self.layer_at(layer_idx).update(key_states, value_states, *args, **kwargs)
+        layer = self.layer_at(layer_idx)
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if isinstance(layer, PrunedLayer):
+            hook.leave_handoff(hook.Handoff(self, self.shared.forward_index, layer, keys))
+        return keys, values
+
+    def attend(self, layer: PrunedLayer, original, module, query, key, value, attention_mask, *args, **kwargs):
+        """One forward's attention of `layer` (called by the attention hook). At the first forward without
+        `config=`, the layer types are learned from the model first; a layer that turns out to be one of
+        transformers' own sliding layers runs the model's attention and is never pruned."""
+        if not self.types_known:
+            holder = self.adopt_model_config(module.config, layer)
+            if holder is not layer:
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+        return layer.attend(original, module, query, key, value, attention_mask, *args, **kwargs)
 
     def layer_at(self, layer_idx: int):
         """Layer `layer_idx`, created (as a `PrunedLayer`) with the ones before it if the cache has not
         reached it yet."""
         while len(self.layers) <= layer_idx:
-            self.layers.append(PrunedLayer(self, len(self.layers)))
+            self.layers.append(PrunedLayer(self._context(), len(self.layers)))
         return self.layers[layer_idx]
+
+    @property
+    def prefill_owner(self) -> EvictionPolicy | None:
+        """The policy of the chain that owns its prefill (`owns_prefill`: KVzip), None for the others."""
+        return next((member for member in self.chain if member.owns_prefill), None)
+
+    def prefill(self, model, input_ids: torch.Tensor, *, tokenizer=None, attention_mask=None,
+                **options) -> torch.Tensor:
+        """Prefill the prompt `input_ids [B, T]` and compress it now; returns its logits `[B, T, V]`. A
+        policy that owns its prefill (KVzip) runs its own (the tokenizer builds KVzip's repeat request;
+        `options` go to it); any other gets one forward, then `end_prefill()`. To continue with
+        `generate`, prefill all but the last prompt token, then pass the full ids."""
+        owner = self.prefill_owner
+        if owner is None:
+            with torch.no_grad():
+                logits = model(input_ids, attention_mask=attention_mask, cache=self, use_cache=True).logits
+            self.end_prefill()
+            return logits
+        self.shared.owner_prefill = True
+        try:
+            return owner.prefill(model, input_ids, self, tokenizer=tokenizer, attention_mask=attention_mask,
+                                 **options)
+        finally:
+            self.shared.owner_prefill = False
+
+    @property
+    def prefill_pending(self) -> bool:
+        """Whether a cross-layer allocation waits for the end of the prompt."""
+        return self.shared.allocation_pending
 
     def end_prefill(self) -> None:
         """Run a pending cross-layer allocation now. The cache calls it at the first decoding step;
         call it yourself after a prefill-only forward to compact at once."""
-        if self.prefill_pending:
-            allocate_across_layers(self)
+        if self.shared.allocation_pending:
+            self.shared.allocation_pending = False
+            allocate_across_layers(self.policy, self.pruned_layers())
 
     def adopt_model_config(self, config, layer: PrunedLayer):
         """At the first forward without `config=`: build the layer types from the model's config.
@@ -123,7 +174,7 @@ class PrunedCache(Cache):
         for index, old in enumerate(existing):
             new = self.layers[index]
             if isinstance(new, PrunedLayer):
-                old.sliding_window = new.sliding_window
+                old.rebind(new.context, new.sliding_window)
                 self.layers[index] = old
             elif old.is_initialized:
                 new.update(old.keys, old.values)
@@ -132,31 +183,17 @@ class PrunedCache(Cache):
     def pruned_layers(self) -> list[PrunedLayer]:
         return [layer for layer in self.layers if isinstance(layer, PrunedLayer)]
 
-    def shared_state(self, policy: EvictionPolicy, layer: PrunedLayer) -> State:
-        """The cross-layer state of `policy`, created through it at its first use."""
-        key = self.depth_of(policy)
-        if key not in self.shared:
-            self.shared[key] = policy.new_shared_state(layer)
-        return self.shared[key]
-
-    def depth_of(self, policy: EvictionPolicy) -> int:
-        """Position of `policy` in this cache's chain. Policies are found by identity, not equality (two
-        equal policies may stand in one chain), and the position, unlike `id`, survives `copy.deepcopy`."""
-        for depth, member in enumerate(self.chain):
-            if member is policy:
-                return depth
-        raise ValueError(f"{type(policy).__name__} is not part of this cache's policy chain")
-
-    def storage_for(self, layer: PrunedLayer) -> KVQuant | None:
-        """The storage of `layer`: the cache's `quantization`, else the policy chain's choice."""
-        if self.quantization is not None:
-            return self.quantization
-        return self.policy.storage(layer) if self.policy is not None else None
+    def shared_state(self, policy: EvictionPolicy, create=None):
+        """The cross-layer state of `policy` (one of this cache's chain): None before its first use,
+        unless `create` (no arguments) makes it then."""
+        depth = self._context().depth_of(policy)
+        if depth not in self.shared.states and create is not None:
+            self.shared.states[depth] = create()
+        return self.shared.states.get(depth)
 
     # ---- state the cache owns beyond its layers ----
     def _map_shared(self, fn) -> None:
-        for state in self.shared.values():
-            state.map_tensors(fn)
+        self.shared.map_tensors(fn)
 
     def reset(self) -> None:
         super().reset()
@@ -197,4 +234,4 @@ class PrunedCache(Cache):
             rows = [replace(row, block_size=paged.block_size_of(layer))
                     if isinstance(layer, PrunedLayer) and layer.is_initialized else row
                     for row, layer in zip(rows, self.layers)]
-        return CacheReport(rows, shared_bytes=sum(state.nbytes for state in self.shared.values()))
+        return CacheReport(rows, shared_bytes=self.shared.nbytes)

@@ -35,14 +35,13 @@ from kvpress.ragged import HeadRoom
 from kvpress.state import Allocation
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvpress.cache import PrunedCache
-    from kvpress.layer import PrunedLayer
+    from kvpress.policy import EvictionPolicy
 
 
-def after_attention(layer: PrunedLayer, phase: str) -> None:
+def after_attention(layer, phase: str) -> None:
     """Evict what `layer`'s sliding window (first) and policy (then) no longer keep after this forward."""
-    cache = layer.cache
-    policy = cache.policy
+    context = layer.context
+    policy = context.policy
     # quantized storage is kept by `fit_quantized` after the forward's flush, so it drops in place too
     in_place = phase == DECODE or layer.slots.quantized is not None
     if layer.sliding_window is not None and layer.seen >= layer.sliding_window:
@@ -56,54 +55,55 @@ def after_attention(layer: PrunedLayer, phase: str) -> None:
     if policy is None or not policy.evicts_during(phase):
         return
     if phase == PREFILL and policy.allocates_across_layers:
-        cache.prefill_pending = True
+        context.shared.allocation_pending = True
         return
     if in_place:
-        if layer.tokens_since_eviction > cache.slack and host_slots_for_budget(layer.budget, layer.seen) < layer.seen:
+        if layer.tokens_since_eviction > context.slack and host_slots_for_budget(layer.budget, layer.seen) < layer.seen:
             layer.slots.drop(policy.keep_mask(layer))
             layer.tokens_since_eviction = 0
             layer.evictions += 1
             policy.compacted(layer, None)
         return
-    selection = policy.select(layer, cache.slack)
+    selection = policy.select(layer, context.slack)
     if selection is not None:
         compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))
         layer.tokens_since_eviction = 0
 
 
-def room_after(layer: PrunedLayer, width: int) -> int:
+def room_after(layer, width: int) -> int:
     """Capacity for `width` kept slots, the cache's slack, and about 1/16 of the width for the holes and
     new tokens of the decoding steps until the next squeeze: persistent storage stays within ~1.07x of
     the slots kept (plus the slack the user asked for), and a squeeze (one gather) comes every
     `width / 16` steps."""
-    if layer.cache.policy is not None and layer.cache.policy.exact_storage:
+    policy = layer.context.policy
+    if policy is not None and policy.exact_storage:
         return width
-    return width + layer.cache.slack + max(1, -(-width // 16))
+    return width + layer.context.slack + max(1, -(-width // 16))
 
 
-def head_room(layer: PrunedLayer) -> int:
+def head_room(layer) -> int:
     """Rows per live KV head of per-head storage for the tokens of the next decoding steps: the slack and
     about 1/16 of the uniform budget (`room_after`'s rule, per head)."""
-    if layer.cache.policy.exact_storage:
+    if layer.context.policy.exact_storage:
         return 0
     uniform = host_slots_for_budget(layer.budget, layer.seen)
-    return layer.cache.slack + max(1, -(-uniform // 16))
+    return layer.context.slack + max(1, -(-uniform // 16))
 
 
-def stores_per_head(layer: PrunedLayer) -> bool:
+def stores_per_head(layer) -> bool:
     """Whether `layer` stores its keys and values per head (the policy's choice; never quantized ones)."""
-    policy = layer.cache.policy
+    policy = layer.context.policy
     return policy is not None and layer.slots.quantized is None and policy.per_head_storage(layer)
 
 
-def make_room(layer: PrunedLayer, q: int) -> None:
+def make_room(layer, q: int) -> None:
     """Before `q` new tokens are written: when the storage is full, squeeze the holes out (one gather,
     sized by host-side bounds, no sync), then grow it geometrically if that is not enough. Per-head
     storage is laid out again instead, with room for the `q` tokens."""
     slots = layer.slots
     if slots.quantized is not None or slots.used + q <= slots.capacity:
         return
-    policy = layer.cache.policy
+    policy = layer.context.policy
     # without a policy only a sliding window leaves holes (a model whose every layer slides)
     if not slots.exact_prefix and (policy is not None or layer.sliding_window is not None):
         since = layer.tokens_since_eviction
@@ -125,17 +125,17 @@ def make_room(layer: PrunedLayer, q: int) -> None:
         slots.reserve(grow)
 
 
-def held_bound(layer: PrunedLayer) -> int:
+def held_bound(layer) -> int:
     """A host-side bound of the valid slots any (row, head) holds: the policy's bound at the last
     eviction plus the tokens written since (and the sliding window's, for a sliding layer)."""
-    policy = layer.cache.policy
+    policy = layer.context.policy
     bound = layer.num_slots if policy is None else policy.slot_bound(layer) + layer.tokens_since_eviction
     if layer.sliding_window is not None:
         bound = min(bound, layer.sliding_window - 1)
     return bound
 
 
-def fit_quantized(layer: PrunedLayer) -> None:
+def fit_quantized(layer) -> None:
     """After a quantized layer's forward (its flush included): when a region (quantized or residual)
     has more slots than a (row, head) may hold valid ones, keep that many, valid ones first, in slot
     order, so its holes go; heads that hold fewer keep some holes. Sized from host counts: no sync."""
@@ -160,17 +160,17 @@ def fit_quantized(layer: PrunedLayer) -> None:
     compact(layer, Selection(indices=index, valid=valid.gather(-1, index)), count=False, quantized=keep_q)
 
 
-def drop_selection(layer: PrunedLayer, selection: Selection) -> None:
+def drop_selection(layer, selection: Selection) -> None:
     """Evict from a quantized layer what `selection` does not keep: the slots become holes, which
     `fit_quantized` removes."""
     keep = torch.zeros_like(layer.valid).scatter_(-1, selection.indices, selection.valid)
     layer.slots.drop(keep)
     layer.tokens_since_eviction = 0
     layer.evictions += 1
-    layer.cache.policy.compacted(layer, None)
+    layer.context.policy.compacted(layer, None)
 
 
-def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = None, count: bool = True,
+def compact(layer, selection: Selection, *, capacity: int | None = None, count: bool = True,
             per_head: HeadRoom | None = None, quantized: int | None = None) -> None:
     """Keep `selection` in the slots and in every policy state of the layer (`count`: an eviction, not
     only a squeeze of holes). A layer stored per head is laid out per head again (`per_head` sizes it;
@@ -189,11 +189,11 @@ def compact(layer: PrunedLayer, selection: Selection, *, capacity: int | None = 
             state.gather_slots(index)
     if count:
         layer.evictions += 1
-        if layer.cache.policy is not None:
-            layer.cache.policy.compacted(layer, selection)
+        if layer.context.policy is not None:
+            layer.context.policy.compacted(layer, selection)
 
 
-def within_window(layer: PrunedLayer) -> Selection | None:
+def within_window(layer) -> Selection | None:
     """The slots inside the layer's sliding window, or None when every valid slot is: a query at
     position p sees positions above p - window, so after this forward only the last `window - 1` real
     tokens can still be seen."""
@@ -206,11 +206,8 @@ def within_window(layer: PrunedLayer) -> Selection | None:
                            min(int(counts.max()), layer.num_slots))
 
 
-def allocate_across_layers(cache: PrunedCache) -> None:
-    """The cross-layer stage: the policy chooses every pruned layer's counts, every layer compacts."""
-    cache.prefill_pending = False
-    policy = cache.policy
-    layers = cache.pruned_layers()
+def allocate_across_layers(policy: EvictionPolicy, layers: list) -> None:
+    """The cross-layer stage: `policy` chooses the counts of every pruned layer, every layer compacts."""
     counts = policy.allocate(layers)
     if len(counts) != len(layers):
         raise ValueError(f"{type(policy).__name__}.allocate returned {len(counts)} counts for {len(layers)} layers")

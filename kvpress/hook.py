@@ -1,12 +1,10 @@
-"""The attention hook, a wrapper around whatever attention function transformers resolves, and the
-decoder-layer hook, through which a policy that changes what the model computes (LazyLLM) runs
-each decoder layer.
+"""The attention hook: a wrapper around whatever attention function transformers resolves.
 
 `AttentionInterface.get_interface` is patched once (idempotent, reversible) so that every attention
 function a model resolves, the model's own eager function included, is wrapped. The wrapper is a
 pass-through unless the cache layer updated just before, in the same thread, is a `PrunedLayer` and
-the key tensor it returned is the one being attended: `PrunedLayer.update` leaves a thread-local
-handoff that the wrapper consumes.
+the key tensor it returned is the one being attended: `PrunedCache.update` leaves a thread-local
+handoff that the wrapper consumes, and hands the call to `PrunedCache.attend`.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import threading
 import weakref
 
 import torch
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import AttentionInterface
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -59,7 +56,7 @@ def take_handoff(key: torch.Tensor) -> Handoff | None:
 
 
 def leave_handoff(handoff: Handoff) -> None:
-    """Called by `PrunedLayer.update`. An unconsumed handoff from the same cache and forward means the
+    """Called by `PrunedCache.update`. An unconsumed handoff from the same cache and forward means the
     previous layer's attention never went through the interface (a model that calls SDPA itself)."""
     stale = getattr(_local, "handoff", None)
     if stale is not None and stale.cache is not None and stale.cache is handoff.cache \
@@ -83,7 +80,8 @@ def _wrap(original):
         handoff = take_handoff(key)
         if handoff is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return handoff.layer.attend(original, module, query, key, value, attention_mask, *args, **kwargs)
+        return handoff.cache.attend(handoff.layer, original, module, query, key, value, attention_mask, *args,
+                                    **kwargs)
 
     pruned_attention.__kvpress_wrapper__ = True
     _wrappers[original] = pruned_attention
@@ -92,24 +90,11 @@ def _wrap(original):
 
 _wrappers: dict = {}
 _original_get_interface = None
-_original_layer_call = None
-
-
-def _decoder_layer_call(module, *args, **kwargs):
-    """Every decoder layer of transformers' models (`GradientCheckpointingLayer`) is called through here:
-    a cache whose policy runs decoder layers itself (`runs_decoder_layers`) gets the call, anything
-    else goes to the module as usual. Decoder layers receive the cache as the `cache` keyword."""
-    cache = kwargs.get("cache")
-    policy = getattr(cache, "policy", None)
-    if policy is not None and policy.runs_decoder_layers:
-        return policy.run_decoder_layer(cache, module, _original_layer_call, args, kwargs)
-    return _original_layer_call(module, *args, **kwargs)
 
 
 def install() -> None:
-    """Wrap every attention function transformers resolves from now on, and route decoder-layer calls
-    through `_decoder_layer_call`. Idempotent."""
-    global _original_get_interface, _original_layer_call
+    """Wrap every attention function transformers resolves from now on. Idempotent."""
+    global _original_get_interface
     if _original_get_interface is not None:
         return
     _original_get_interface = AttentionInterface.get_interface
@@ -119,18 +104,12 @@ def install() -> None:
 
     get_interface.__wrapped__ = _original_get_interface
     AttentionInterface.get_interface = get_interface
-    _original_layer_call = GradientCheckpointingLayer.__call__
-    GradientCheckpointingLayer.__call__ = _decoder_layer_call
 
 
 def uninstall() -> None:
-    """Restore transformers' own `get_interface` and decoder-layer call."""
-    global _original_get_interface, _original_layer_call
+    """Restore transformers' own `get_interface`."""
+    global _original_get_interface
     if _original_get_interface is None:
         return
     AttentionInterface.get_interface = _original_get_interface
-    if _original_layer_call is torch.nn.Module.__call__:
-        del GradientCheckpointingLayer.__call__  # inherited again
-    else:
-        GradientCheckpointingLayer.__call__ = _original_layer_call
-    _original_get_interface = _original_layer_call = None
+    _original_get_interface = None

@@ -4,6 +4,13 @@ The layer is the contract with transformers (`update`, `get_seq_length`, `get_ma
 operations, `reset`) plus the glue of one forward (`attend`). What it holds has named homes:
 slot storage in `SlotStore` (kvpress/slots.py), the attention path in kvpress/attention.py, the
 policy's state in `State` objects (kvpress/state.py) and the eviction step in kvpress/eviction.py.
+It holds no reference to its cache: what eviction needs from the cache (policy chain, slack,
+quantization, its place among the pruned layers, cross-layer state) is its `LayerContext`
+(kvpress/context.py), handed to it when it is built.
+
+What policies read of a layer: `keys`, `values`, `valid`, `positions`, `real_seen`, `seen`, counts
+(`num_slots`, `num_heads`, `batch`, `head_dim`, `itemsize`), `budget`, `scores`, `state(policy)`,
+`shared_state(policy)`, `context.pruned_index` / `context.pruned_count`.
 
 The layer's logical length `seen` is what transformers sees as the sequence length; the physical
 window is described to the mask code as `[seen - P, seen + q)` (integration-notes.md 1.4).
@@ -11,20 +18,16 @@ window is described to the mask code as `[seen - P, seen + q)` (integration-note
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvpress import attention, hook
+from kvpress.context import LayerContext
 from kvpress.eviction import after_attention, fit_quantized, make_room
 from kvpress.policy import DECODE, PREFILL
 from kvpress.report import LayerReport
 from kvpress.slots import SlotStore, TokenLayout
 from kvpress.state import Allocation, ScoreState, State
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kvpress.cache import PrunedCache
 
 
 class PrunedLayer(DynamicLayer):
@@ -34,12 +37,18 @@ class PrunedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, cache: PrunedCache, layer_idx: int, sliding_window: int | None = None):
+    def __init__(self, context: LayerContext, layer_idx: int, sliding_window: int | None = None):
         super().__init__()
-        self.cache = cache
+        self.context = context
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self._clear()
+
+    def rebind(self, context: LayerContext, sliding_window: int | None) -> None:
+        """Once, when the cache learns the model's layer types after this layer was built: its place
+        among the pruned layers and its sliding window."""
+        self.context = context
+        self.sliding_window = sliding_window
 
     def _clear(self) -> None:
         self.slots: SlotStore | None = None
@@ -63,6 +72,9 @@ class PrunedLayer(DynamicLayer):
     num_heads = property(lambda self: self.slots.num_heads)
     batch = property(lambda self: self.slots.batch)
     device = property(lambda self: self.slots.valid.device, lambda self, v: None)
+    head_dim = property(lambda self: self.slots.head_dim)
+    itemsize = property(lambda self: self.slots.itemsize)
+    heads_off = property(lambda self: self.slots.heads_off)  # [B, Hkv] bool or None
 
     @property
     def kept_slots(self) -> int:
@@ -72,20 +84,25 @@ class PrunedLayer(DynamicLayer):
     @property
     def budget(self) -> int | float:
         """The budget the cache's policy chain enforces on this layer."""
-        return self.cache.policy.budget_of(self)
+        return self.context.policy.budget_of(self)
 
     @property
     def scores(self) -> torch.Tensor | None:
         """The running attention mass of the policy chain (`[B, Hkv, P]`), None if it needs none."""
-        return self.cache.policy.raw_scores(self) if self.cache.policy is not None else None
+        policy = self.context.policy
+        return policy.raw_scores(self) if policy is not None else None
 
     def state(self, policy) -> State | None:
         """The per-layer state of `policy` (one of the cache's policy chain), None if it keeps none."""
-        return self.states.get(self.cache.depth_of(policy))
+        return self.states.get(self.context.depth_of(policy))
 
     def shared_state(self, policy) -> State:
         """The cross-layer state of `policy` in this layer's cache."""
-        return self.cache.shared_state(policy, self)
+        return self.context.shared_state(policy, self)
+
+    def switch_off_heads(self, heads: torch.Tensor) -> None:
+        """Stop storing the KV heads marked in `heads [B, Hkv]` (SpAtten's head pruning)."""
+        self.slots.switch_off_heads(heads)
 
     def score_state(self) -> ScoreState | None:
         return next((s for s in self.states.values() if isinstance(s, ScoreState)), None)
@@ -94,7 +111,7 @@ class PrunedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.slots = SlotStore(key_states, value_states)
         self.dtype = key_states.dtype
-        for depth, member in enumerate(self.cache.chain):
+        for depth, member in enumerate(self.context.chain):
             state = member.new_layer_state(self)
             if state is not None:
                 self.states[depth] = state
@@ -110,7 +127,6 @@ class PrunedLayer(DynamicLayer):
         for state in self.states.values():
             state.append_slots(q, self.slots.capacity)
         self.seen += q if self.layout is None else self.layout.seen_new
-        hook.leave_handoff(hook.Handoff(self.cache, self.cache.forward_index, self, keys))
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -154,10 +170,6 @@ class PrunedLayer(DynamicLayer):
 
     # ---- one forward (called by the attention hook) ----
     def attend(self, original, module, query, key, value, attention_mask, *args, **kwargs):
-        if not self.cache.types_known:
-            holder = self.cache.adopt_model_config(module.config, self)
-            if holder is not self:  # transformers' own sliding layer: its own attention, never pruned
-                return original(module, query, key, value, attention_mask, *args, **kwargs)
         self._check_call(module, kwargs)
         batch, _, q, _ = query.shape
         phase = PREFILL if q > 1 else DECODE
@@ -168,14 +180,14 @@ class PrunedLayer(DynamicLayer):
             new_valid = attention.new_token_validity(attention_mask, batch, q)  # [B, q] or None
         if new_valid is not None:
             self.slots.mark_new_tokens(new_valid)
-        policy = self.cache.policy
+        policy = self.context.policy
         request = policy.request(phase) if policy is not None else None
         output, signals = attention.attend(self, original, module, query, key, value, attention_mask, args,
                                            kwargs, request, phase, new_valid, layout)
         if policy is not None:
             policy.update(self, signals)
         after_attention(self, phase)
-        self.slots.end_forward(self.cache.storage_for(self))
+        self.slots.end_forward(self.context.storage_for(self))
         fit_quantized(self)
         return output
 

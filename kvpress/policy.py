@@ -32,8 +32,8 @@ from kvpress import composition, registry
 from kvpress.state import ScoreState, State
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvpress.layer import PrunedLayer
     from kvpress.quant import KVQuant
+    from kvpress.view import LayerView
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -173,15 +173,15 @@ class EvictionPolicy:
         return [self]
 
     # ---- state ----
-    def new_layer_state(self, layer: PrunedLayer) -> State | None:
+    def new_layer_state(self, layer: LayerView) -> State | None:
         """State this policy keeps per layer, created by the cache when the layer first stores tokens."""
         return None
 
-    def new_shared_state(self, layer: PrunedLayer) -> State | None:
+    def new_shared_state(self, layer: LayerView) -> State | None:
         """State this policy keeps across the layers of one cache, created at its first use."""
         return None
 
-    def raw_scores(self, layer: PrunedLayer) -> torch.Tensor | None:
+    def raw_scores(self, layer: LayerView) -> torch.Tensor | None:
         """The running attention mass `[B, Hkv, P]` of the chain's scored policy, unpooled and per KV
         head (None for attention-free policies)."""
         return None
@@ -191,28 +191,36 @@ class EvictionPolicy:
         """The attention signal needed in `phase` ("prefill" or "decode"); None for none."""
         return None
 
-    def update(self, layer: PrunedLayer, signals: Signals) -> None:
+    def update(self, layer: LayerView, signals: Signals) -> None:
         """Fold one forward's signals into this policy's state."""
 
     def evicts_during(self, phase: str) -> bool:
         return True
 
+    def prefill(self, model, input_ids: torch.Tensor, cache, *, tokenizer=None, attention_mask=None,
+                **options) -> torch.Tensor:
+        """The prompt's prefill for a policy that `owns_prefill` (KVzip: context reconstruction), called by
+        `PrunedCache.prefill`; returns the prompt's logits `[B, T, V]`. Other policies are prefilled by
+        an ordinary forward and do not define it."""
+        raise TypeError(f"{type(self).__name__} does not own its prefill (owns_prefill is False); "
+                        "use PrunedCache.prefill or an ordinary forward")
+
     # ---- selection ----
-    def budget_of(self, layer: PrunedLayer) -> int | float:
+    def budget_of(self, layer: LayerView) -> int | float:
         """The budget the chain enforces on `layer` (QuantizedPruning replaces it by a slot count)."""
         return self.budget
 
-    def score(self, layer: PrunedLayer) -> torch.Tensor:
+    def score(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` fp32, higher = keep. Invalid and protected slots are handled by `select`."""
         raise NotImplementedError(f"{type(self).__name__} must define score()")
 
-    def keep_counts(self, layer: PrunedLayer) -> torch.Tensor:
+    def keep_counts(self, layer: LayerView) -> torch.Tensor:
         """Real slots each (row, head) keeps: `[B, Hkv]` long."""
         per_row = slots_for_budget(layer.budget, layer.real_seen)  # [B]
         uniform = per_row[:, None].expand(-1, layer.num_heads)
         return uniform if layer.allocation is None else layer.allocation.counts_now(uniform)
 
-    def slot_bound(self, layer: PrunedLayer) -> int:
+    def slot_bound(self, layer: LayerView) -> int:
         """A host-side upper bound of the slots any (row, head) of `layer` keeps, from host counts only
         (sizes storage without a device-to-host sync). Policies that give some layer or head more than
         the uniform budget (PyramidKV, AdaKV, SpAtten) raise it."""
@@ -221,48 +229,48 @@ class EvictionPolicy:
             return uniform
         return min(layer.seen, layer.allocation.most + max(0, uniform - layer.allocation.uniform_most))
 
-    def protected_bound(self, layer: PrunedLayer) -> int:
+    def protected_bound(self, layer: LayerView) -> int:
         """A host-side upper bound of the protected slots of one (row, head) of `layer`."""
         return min(layer.seen, self.sinks + self.window)
 
-    def row_bound(self, layer: PrunedLayer) -> int:
+    def row_bound(self, layer: LayerView) -> int:
         """A host-side upper bound of the slots one batch row of `layer` keeps over all its KV heads
         (sizes per-head storage without a sync). AdaKV, whose heads share the uniform total, lowers it."""
         return layer.num_heads * self.slot_bound(layer)
 
-    def per_head_storage(self, layer: PrunedLayer) -> bool:
+    def per_head_storage(self, layer: LayerView) -> bool:
         """Whether the KV heads of `layer` keep different numbers of slots, so that its keys and values
         are stored per head (kvpress/ragged.py) rather than padded to the head that keeps most."""
         return False
 
-    def protected(self, layer: PrunedLayer) -> torch.Tensor:
+    def protected(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the first `sinks` and last `window` real tokens."""
         pos = layer.positions  # [B, Hkv, P], -1 for padding
         recent = pos >= (layer.real_seen[:, None, None] - self.window)
         return layer.valid & ((pos < self.sinks) | recent)
 
-    def eligible(self, layer: PrunedLayer) -> torch.Tensor:
+    def eligible(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` bool: slots that may be kept at all (SpAtten: not evicted by a lower layer)."""
         return layer.valid
 
-    def over_budget(self, layer: PrunedLayer, counts: torch.Tensor, slack: int) -> bool:
+    def over_budget(self, layer: LayerView, counts: torch.Tensor, slack: int) -> bool:
         """Whether the layer must compact: some (row, head) holds more than its count plus `slack`.
         Each (row, head) decides alone, so a row evicts exactly as it would in a batch of one."""
         return bool((layer.valid.sum(-1) > counts + slack).any())
 
-    def compacted(self, layer: PrunedLayer, selection: Selection | None) -> None:
+    def compacted(self, layer: LayerView, selection: Selection | None) -> None:
         """Called after `layer` evicted: kept `selection`, or dropped slots in place while decoding
         (`selection` None). SpAtten records the cascade."""
 
-    def allocate(self, layers: list[PrunedLayer]) -> list[torch.Tensor]:
+    def allocate(self, layers: list[LayerView]) -> list[torch.Tensor]:
         """Cross-layer stage: `[B, Hkv]` keep counts for each pruned layer, from every layer's state."""
         raise NotImplementedError(f"{type(self).__name__} does not allocate across layers")
 
-    def storage(self, layer: PrunedLayer) -> KVQuant | None:
+    def storage(self, layer: LayerView) -> KVQuant | None:
         """Quantized storage this policy wants for `layer` (QuantizedPruning), None for full precision."""
         return None
 
-    def select(self, layer: PrunedLayer, slack: int = 0, counts: torch.Tensor | None = None) -> Selection | None:
+    def select(self, layer: LayerView, slack: int = 0, counts: torch.Tensor | None = None) -> Selection | None:
         """Choose the slots to keep, or None when no (row, head) is over its count plus `slack`.
         `counts` overrides `keep_counts` (the cross-layer stage). Surplus slots (padding, masked
         holes, slots that are not eligible) go first."""
@@ -274,7 +282,7 @@ class EvictionPolicy:
         scores = self.score(layer).float()
         return top_k_selection(scores, eligible, self.protected(layer) & eligible, counts, kept)
 
-    def drops_one_at_most(self, layer: PrunedLayer) -> bool:
+    def drops_one_at_most(self, layer: LayerView) -> bool:
         """Whether this decoding step can push a (row, head) at most one slot over its count: one token
         came since the last eviction, and the counts never shrink nor exclude slots (the uniform budget,
         a scaled one, or a cross-layer allocation). Policies that redistribute counts or restrict
@@ -283,7 +291,7 @@ class EvictionPolicy:
         uniform = own.keep_counts is EvictionPolicy.keep_counts and own.eligible is EvictionPolicy.eligible
         return uniform and layer.tokens_since_eviction == 1
 
-    def keep_mask(self, layer: PrunedLayer) -> torch.Tensor:
+    def keep_mask(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the slots `select` would keep, as a mask over the slots in place. No
         host sync and no data movement: the decoding step's eviction. When at most one slot per (row,
         head) can be over, the lowest-ranked one goes (`argmin`: the earliest of equal scores, as

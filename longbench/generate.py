@@ -88,21 +88,17 @@ class Generation:
     cache: CacheStats | None
 
 
-def reconstructs_context(cache) -> bool:
-    """Whether the cache's policy scores by context reconstruction (KVzip): its prompt must go in
-    through `kvzip_prefill`, not a plain forward."""
-    from kvpress.policies import KVzip
-
-    return any(isinstance(policy, KVzip) for policy in getattr(cache, "chain", ()))
+def owns_prefill(cache) -> bool:
+    """Whether the cache's policy owns its prefill (`owns_prefill`: KVzip's context reconstruction): its
+    prompt must go in through `cache.prefill`, not a plain forward."""
+    return getattr(cache, "prefill_owner", None) is not None
 
 
 def prefill_context(model, ids: torch.Tensor, context_end: int, cache, tokenizer=None) -> None:
-    """Feed ``ids[:, :context_end]`` in one forward; the policy evicts at its end (KVzip: after its
-    reconstruction forwards, which need the ``tokenizer``)."""
-    if reconstructs_context(cache):
-        from kvpress.policies import kvzip_prefill
-
-        kvzip_prefill(model, ids[:, :context_end], cache, tokenizer)
+    """Feed ``ids[:, :context_end]`` in one forward; the policy evicts at its end (a policy that owns
+    its prefill runs its own: KVzip's reconstruction forwards, which need the ``tokenizer``)."""
+    if owns_prefill(cache):
+        cache.prefill(model, ids[:, :context_end], tokenizer=tokenizer)
         return
     model(input_ids=ids[:, :context_end], cache=cache, use_cache=True, logits_to_keep=1)
 
@@ -112,8 +108,8 @@ def generate(model, tokenizer, input_ids: list[int], settings: GenerationSetting
              make_cache: Callable[[], object] | None = None, context_end: int | None = None) -> Generation:
     """Greedy-decode one prompt with a fresh cache from ``make_cache`` (None: transformers' default).
     With ``context_end``, ``input_ids[:context_end]`` is prefilled and compressed before the rest is
-    seen (question-agnostic compression). A KVzip cache is prefilled with `kvzip_prefill` (all but the
-    last prompt token without ``context_end``), so its prefill time includes the reconstruction."""
+    seen (question-agnostic compression). A cache whose policy owns its prefill (KVzip) is prefilled
+    with `cache.prefill` (all but the last prompt token without ``context_end``), so its prefill time includes the reconstruction."""
     torch.manual_seed(SEED)
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
@@ -133,7 +129,7 @@ def generate(model, tokenizer, input_ids: list[int], settings: GenerationSetting
     if cache is not None:
         kwargs["cache"] = cache
     start = time.perf_counter()
-    if context_end is None and reconstructs_context(cache):
+    if context_end is None and owns_prefill(cache):
         context_end = ids.shape[1] - 1  # the whole prompt is compressed; generate feeds its last token
     if context_end is not None:
         prefill_context(model, ids, context_end, cache, tokenizer)

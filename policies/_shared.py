@@ -13,16 +13,6 @@ def shift_nonnegative(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores - lowest.clamp(max=0.0)
 
 
-def pruned_layer_index(layer) -> tuple[int, int]:
-    """`(index, count)` of `layer` among the pruned layers of its cache (sliding-window layers keep
-    transformers' own cache and are not counted)."""
-    from kvpress.layer import PrunedLayer
-
-    pruned = [other for other in layer.cache.layers if isinstance(other, PrunedLayer)]
-    index = next(i for i, other in enumerate(pruned) if other is layer)
-    return index, len(pruned)
-
-
 def linear_layer_counts(mean: torch.Tensor, room: torch.Tensor, index: int, count: int,
                         ratio: float) -> torch.Tensor:
     """Slots of layer `index` out of `count` under a linearly decreasing schedule whose mean over

@@ -90,7 +90,7 @@ class KVCompose(Policy):
         return scores
 
     def allocate(self, layers) -> list[torch.Tensor]:
-        chain = layers[0].cache.policy  # the outermost policy: its protection and eligibility
+        chain = layers[0].context.policy  # the outermost policy: its protection and eligibility
         pieces = [self.candidates(layer, chain) for layer in layers]
         widest = max(sorted_scores.shape[-1] for sorted_scores, _, _ in pieces)
         lowest = torch.finfo(torch.float32).min

@@ -67,9 +67,19 @@ class KVzip(Policy):
     def new_layer_state(self, layer) -> ReconstructionScores:
         return ReconstructionScores(torch.zeros(layer.batch, layer.num_heads, 0, device=layer.device))
 
+    def prefill(self, model, input_ids, cache, *, tokenizer=None, attention_mask=None, prompt=None):
+        """The declared prefill (`owns_prefill`): `kvzip_prefill`."""
+        return kvzip_prefill(model, input_ids, cache, tokenizer, attention_mask=attention_mask, prompt=prompt)
+
     def update(self, layer, signals) -> None:
         state = layer.state(self)
         if state.chunk is None and not state.reconstructed:
+            if not layer.context.shared.owner_prefill:
+                raise ValueError(
+                    "KVzip scores slots by context reconstruction, which needs extra forwards of the model: "
+                    "prefill the prompt with cache.prefill(model, input_ids, tokenizer=tokenizer) (or "
+                    "kvpress.policies.kvzip_prefill) before generate(), not with a plain forward or generate() "
+                    "on an empty cache (docs/policies.md, KVzip).")
             return  # the prompt's own forward: its slots are scored by the reconstruction
         if signals.query is None:
             raise ValueError("KVzip needs the forward's queries (Signals.query)")
@@ -214,16 +224,16 @@ def kvzip_prefill(model, input_ids: torch.Tensor, cache, tokenizer=None, *, atte
     plus the copies. To continue with `generate`, prefill all but the last prompt token, then pass the
     full ids: `kvzip_prefill(model, ids[:, :-1], cache, tok); model.generate(ids, cache=cache, ...)`.
     """
-    from kvpress.cache import PrunedCache
-
     policy = next((p for p in getattr(cache, "chain", ()) if isinstance(p, KVzip)), None)
-    if not isinstance(cache, PrunedCache) or policy is None:
+    if policy is None:
         raise ValueError("kvzip_prefill needs a PrunedCache whose policy chain holds KVzip")
+    if not cache.shared.owner_prefill:  # called directly, not through cache.prefill
+        return cache.prefill(model, input_ids, tokenizer=tokenizer, attention_mask=attention_mask, prompt=prompt)
     if prompt is None:
         if tokenizer is None:
             raise ValueError("kvzip_prefill needs the tokenizer (or a ReconstructionPrompt) for the repeat request")
         prompt = ReconstructionPrompt.from_tokenizer(tokenizer)
-    depth = cache.depth_of(policy)
+    depth = next(index for index, member in enumerate(cache.chain) if member is policy)  # in the copies too
     positions = None
     if attention_mask is not None:  # as generate does: real tokens count from 0 in every row
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + int(cache.get_seq_length())
@@ -242,16 +252,17 @@ def kvzip_prefill(model, input_ids: torch.Tensor, cache, tokenizer=None, *, atte
             scratch = copy.deepcopy(cache)
             scratch.batch_select_indices(torch.tensor([row]))
             for layer in scratch.pruned_layers():
-                layer.states[depth].chunk = (first_position + start, first_position + stop)
+                layer.state(layer.context.chain[depth]).chunk = (first_position + start, first_position + stop)
             seen = int(scratch.pruned_layers()[0].real_seen[0])
             positions = torch.arange(seen, seen + repeat.shape[0])[None].to(input_ids.device)
             model(repeat[None].to(input_ids.device), cache=scratch, use_cache=True, position_ids=positions,
                   logits_to_keep=1)
             for layer, copied in zip(layers, scratch.pruned_layers()):
-                state, scored = layer.states[depth], copied.states[depth].scores[0, :, :layer.num_slots]
+                state = layer.state(policy)
+                scored = copied.state(copied.context.chain[depth]).scores[0, :, :layer.num_slots]
                 state.scores[row] = torch.maximum(state.scores[row], scored)
     for layer in layers:
-        layer.states[depth].reconstructed = True
-        layer.states[depth].prompt_tokens = layer.real_seen.clone()
+        layer.state(policy).reconstructed = True
+        layer.state(policy).prompt_tokens = layer.real_seen.clone()
     cache.end_prefill()
     return logits

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from kvpress import attention
 from kvpress.policy import AttentionRequest, EvictionPolicy, Signals
@@ -84,7 +85,8 @@ class LazyLLM(EvictionPolicy):
         `lazyllm:schedule=8:0.7/16:0.5/24:0.3`. Default: after the first, second and third quarters of
         the layers keep 70%, 50% and 30% (policies.md, our choice).
 
-    Runs every decoder layer itself (kvpress/hook.py) and never evicts, so it composes with no other
+    Runs every decoder layer itself (`install_decoder_layer_hook`, done when the first LazyLLM is built)
+    and never evicts, so it composes with no other
     policy; quantized storage (`PrunedCache(..., quantization=KVQuant(...))`) works. Left-padded batches
     work. In models that mix sliding-window and full-attention layers (Gemma 2/3) every layer is a
     pruned layer (the window applied by position), and a schedule layer that slides moves up to the next
@@ -100,6 +102,7 @@ class LazyLLM(EvictionPolicy):
     window: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
+        install_decoder_layer_hook()
         schedule = self.schedule
         if isinstance(schedule, str):  # spec strings: "8:0.7/16:0.5/24:0.3" or "0.25:0.7/0.5:0.5"
             schedule = tuple(tuple(parse_value(x) for x in entry.split(":")) for entry in schedule.split("/"))
@@ -148,16 +151,16 @@ class LazyLLM(EvictionPolicy):
         return False
 
     def update(self, layer, signals: Signals) -> None:
-        state = layer.cache.shared.get(layer.cache.depth_of(self))
+        state = layer.context.shared.states.get(layer.context.depth_of(self))
         if state is not None and layer.layer_idx in self.pruning_layers(*_depth(signals.module)):
             # as the layer held them when its newest token attended (a sliding window may drop some next);
             # LazyLLM keeps the same tokens in every KV head
-            state.importance = (signals.mass.sum(dim=1), layer.slots.positions[:, 0].clone(),
-                                layer.slots.valid[:, 0].clone())  # mass summed over every query head
+            state.importance = (signals.mass.sum(dim=1), layer.positions[:, 0].clone(),
+                                layer.valid[:, 0].clone())  # mass summed over every query head
 
     # ---- decoder layers ----
     def run_decoder_layer(self, cache, module, call, args, kwargs):
-        """One decoder layer of a forward (called through kvpress/hook.py)."""
+        """One decoder layer of a forward (called through `_decoder_layer_call`)."""
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         attention_module = module.self_attn
@@ -180,10 +183,8 @@ class LazyLLM(EvictionPolicy):
         return output
 
     def _state(self, cache, hidden) -> LazyState:
-        depth = cache.depth_of(self)
-        if depth not in cache.shared:
-            cache.shared[depth] = LazyState(hidden.shape[0], hidden.shape[-1], hidden.device, hidden.dtype)
-        return cache.shared[depth]
+        return cache.shared_state(
+            self, create=lambda: LazyState(hidden.shape[0], hidden.shape[-1], hidden.device, hidden.dtype))
 
     def _start_forward(self, state: LazyState, cache, attention_module, hidden, kwargs) -> None:
         kinds = set(_depth(attention_module)[1] or ())
@@ -330,7 +331,7 @@ class LazyLLM(EvictionPolicy):
     def skipped_share(self, cache) -> float:
         """Share of token-layer computations the forwards so far skipped against dense (revivals count as
         computations)."""
-        state = cache.shared.get(cache.depth_of(self))
+        state = cache.shared_state(self)
         return 0.0 if state is None or not state.dense else 1.0 - state.computed / state.dense
 
 
@@ -348,3 +349,27 @@ def _rotary_for(attention_module):
     if len(classes) != 1:
         raise NotImplementedError(f"LazyLLM: cannot find the rotary embedding of {type(attention_module).__name__}")
     return classes[0](config=attention_module.config)
+
+
+_original_layer_call = None
+
+
+def _decoder_layer_call(module, *args, **kwargs):
+    """Every decoder layer of transformers' models (`GradientCheckpointingLayer`) is called through here
+    once a LazyLLM exists: a cache whose policy runs decoder layers itself (`runs_decoder_layers`) gets
+    the call, anything else goes to the module as usual. Decoder layers receive the cache as the
+    `cache` keyword."""
+    cache = kwargs.get("cache")
+    policy = getattr(cache, "policy", None)  # any cache may come here, not only a PrunedCache
+    if policy is not None and policy.runs_decoder_layers:
+        return policy.run_decoder_layer(cache, module, _original_layer_call, args, kwargs)
+    return _original_layer_call(module, *args, **kwargs)
+
+
+def install_decoder_layer_hook() -> None:
+    """Route decoder-layer calls through `_decoder_layer_call`. Idempotent; no model class is patched,
+    only transformers' common base of decoder layers."""
+    global _original_layer_call
+    if _original_layer_call is None:
+        _original_layer_call = GradientCheckpointingLayer.__call__
+        GradientCheckpointingLayer.__call__ = _decoder_layer_call

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
+from kvpress.policies._shared import linear_layer_counts
 from kvpress.policy import Wrapper
 
 
@@ -40,7 +40,7 @@ class PyramidKV(Wrapper):
 
     def keep_counts(self, layer) -> torch.Tensor:
         uniform = self.inner.keep_counts(layer)  # [B, Hkv]
-        index, count = pruned_layer_index(layer)
+        index, count = layer.context.pruned_index, layer.context.pruned_count
         window = uniform.clamp(max=self.window)  # [B, Hkv]
         room = layer.real_seen[:, None] - window
         free = linear_layer_counts(uniform - window, room, index, count, float(self.beta))

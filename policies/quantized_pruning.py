@@ -55,7 +55,7 @@ class QuantizedPruning(Wrapper):
     # ---- the plan: precision and slots for a layer ----
     def layer_memory(self, layer) -> int:
         """Bytes per KV head of one layer (per sequence)."""
-        layers = 1 if self.per_layer else sum(type(other) is type(layer) for other in layer.cache.layers)
+        layers = 1 if self.per_layer else layer.context.pruned_count
         return self.memory_bytes // (max(layers, 1) * layer.num_heads)
 
     exact_storage = True  # `memory` is a hard limit: no storage headroom beyond the slots kept
@@ -71,7 +71,7 @@ class QuantizedPruning(Wrapper):
     def choose_bits(self, layer) -> KVQuant | None:
         """The paper's rule (class docstring) for the tokens `layer` has seen (its host-side count: an upper
         bound of every row's real tokens in a left-padded batch, read without a sync)."""
-        memory, dim, itemsize = self.layer_memory(layer), layer.slots.head_dim, layer.slots.itemsize
+        memory, dim, itemsize = self.layer_memory(layer), layer.head_dim, layer.itemsize
         tokens = layer.seen
         for bits in (None, 8, 4):
             quant = None if bits is None else KVQuant(bits, self.group_size, self.residual)
@@ -82,8 +82,8 @@ class QuantizedPruning(Wrapper):
     def slots(self, layer) -> int:
         """Slots per KV head for `layer` at the precision its cache stores (a cache's own `quantization`
         overrides this policy's bits)."""
-        quant = layer.cache.storage_for(layer)
-        dim, itemsize = layer.slots.head_dim, layer.slots.itemsize
+        quant = layer.context.storage_for(layer)
+        dim, itemsize = layer.head_dim, layer.itemsize
         if quant is not None:
             quant.check_head_dim(dim)
         slots = slots_for_memory(self.layer_memory(layer), dim, itemsize, quant)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.policies._shared import linear_layer_counts, pruned_layer_index
+from kvpress.policies._shared import linear_layer_counts
 from kvpress.policy import AttentionRequest, Policy, Selection
 from kvpress.state import State
 
@@ -151,7 +151,7 @@ class SpAtten(Policy):
         return state.tokens.gather(1, state.slot_index(layer)).view_as(layer.valid)
 
     def keep_counts(self, layer) -> torch.Tensor:
-        index, count = pruned_layer_index(layer)
+        index, count = layer.context.pruned_index, layer.context.pruned_count
         mean = super().keep_counts(layer)  # [B, Hkv]
         window = mean.clamp(max=self.window)
         per_layer = linear_layer_counts(mean - window, layer.real_seen[:, None] - window, index, count,
@@ -178,23 +178,23 @@ class SpAtten(Policy):
         state = layer.shared_state(self)
         state.ensure(layer)
         state.absorb(layer, self.raw_scores(layer), signals.output)
-        index, count = pruned_layer_index(layer)
+        index, count = layer.context.pruned_index, layer.context.pruned_count
         if self.evicts_during(signals.phase) and index not in state.dropped:  # once per layer: its first eviction
             dropped = self.prune_heads(layer, state, index, count)
             if bool(dropped.any()):
-                layer.slots.switch_off_heads(dropped)
+                layer.switch_off_heads(dropped)
 
     def slot_bound(self, layer) -> int:
         return min(layer.seen, 2 * super().slot_bound(layer) + self.window)  # the linear schedule's first layer
 
     def per_head_storage(self, layer) -> bool:
-        return layer.slots.heads_off is not None  # a switched-off head holds no storage
+        return layer.heads_off is not None  # a switched-off head holds no storage
 
     def eligible(self, layer) -> torch.Tensor:
         """A token evicted from a lower layer may not stay in this one (the cascade)."""
-        index, _ = pruned_layer_index(layer)
+        index = layer.context.pruned_index
         return layer.valid & layer.shared_state(self).held_below(layer, index)
 
     def compacted(self, layer, selection: Selection) -> None:
-        index, _ = pruned_layer_index(layer)
+        index = layer.context.pruned_index
         layer.shared_state(self).record_kept(layer, index)

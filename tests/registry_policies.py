@@ -3,7 +3,7 @@ is covered by the tests that use this helper without editing them."""
 
 from __future__ import annotations
 
-from kvpress.policies import REGISTRY, KVzip, ReconstructionPrompt, SnapKV, SpAtten, kvzip_prefill
+from kvpress.policies import REGISTRY, ReconstructionPrompt, SnapKV, SpAtten
 from kvpress.policies.quantized_pruning import QuantizedPruning
 from kvpress.policy import Wrapper
 
@@ -30,18 +30,18 @@ def make_policy(name: str, budget, *, never_evicts: bool = False):
 
 
 # KVzip's scores need extra forwards of the model (context reconstruction): a prompt reaches its cache
-# through `kvzip_prefill`, with this request for the tiny random-vocabulary models.
+# through `PrunedCache.prefill`, with this request for the tiny random-vocabulary models.
 RECONSTRUCTION = ReconstructionPrompt(first=[5, 6, 7], later=[8, 9], reply=[10, 11])
 
 
 def needs_reconstruction(cache) -> bool:
-    return any(isinstance(policy, KVzip) for policy in getattr(cache, "chain", ()))
+    return getattr(cache, "prefill_owner", None) is not None
 
 
 def prefill(model, ids, cache, attention_mask=None):
     """Logits `[B, T, V]` of the prompt `ids`, prefilled into `cache` as its policy requires."""
     if needs_reconstruction(cache):
-        return kvzip_prefill(model, ids, cache, attention_mask=attention_mask, prompt=RECONSTRUCTION)
+        return cache.prefill(model, ids, attention_mask=attention_mask, prompt=RECONSTRUCTION)
     return model(ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits
 
 

@@ -21,7 +21,7 @@ def greedy(model, ids, cache, steps=10, mask=None):
 
 
 def state_of(cache):
-    return cache.shared[cache.depth_of(cache.policy)]
+    return cache.shared_state(cache.policy)
 
 
 def positions_held(cache, layer, row=0):

@@ -126,13 +126,16 @@ def test_a_padded_batch_equals_its_rows_alone():
                 assert sorted(kept) == sorted(single.positions[0, head][single.valid[0, head]].tolist())
 
 
-def test_a_cache_without_reconstruction_raises_at_its_first_decoding_step():
+def test_a_plain_forward_on_a_kvzip_cache_fails_at_once_naming_the_call():
     model = tiny_model("llama", "eager")
-    cache = PrunedCache(KVzip(budget=10))
-    with torch.no_grad():
-        model(random_ids(1, 20), cache=cache)
-        with pytest.raises(ValueError, match="kvzip_prefill"):
-            model(torch.tensor([[5]]), cache=cache)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"cache.prefill\(model, input_ids, tokenizer=tokenizer\)"):
+        model(random_ids(1, 20), cache=PrunedCache(KVzip(budget=10)))
+    with pytest.raises(ValueError, match=r"cache.prefill\(model, input_ids"):
+        model.generate(random_ids(1, 20), cache=PrunedCache(KVzip(budget=10)), max_new_tokens=2, do_sample=False)
+    cache = PrunedCache(KVzip(budget=10))  # the declared prefill, then generate
+    cache.prefill(model, random_ids(1, 19), prompt=PROMPT)
+    out = model.generate(random_ids(1, 20), cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 23) and cache.layers[0].kept_slots <= 10 + 3
 
 
 @pytest.mark.parametrize("field,value", [("allocation", "head"), ("chunk_size", 0), ("overlap", -1)])
