@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from kvpress import attention, hook
+from kvpress import attention_path, hook, masks
 from kvpress.eviction import after_attention, fit_quantized, make_room
 from kvpress.policy import DECODE, PREFILL
 from kvpress.report import LayerReport
@@ -165,13 +165,13 @@ class PrunedLayer(DynamicLayer):
         layout, self.layout = self.layout, None
         new_valid = None
         if q > 1 and layout is None:
-            new_valid = attention.new_token_validity(attention_mask, batch, q)  # [B, q] or None
+            new_valid = masks.new_token_validity(attention_mask, batch, q)  # [B, q] or None
         if new_valid is not None:
             self.slots.mark_new_tokens(new_valid)
         policy = self.cache.policy
         request = policy.request(phase) if policy is not None else None
-        output, signals = attention.attend(self, original, module, query, key, value, attention_mask, args,
-                                           kwargs, request, phase, new_valid, layout)
+        output, signals = attention_path.attend(self, original, module, query, key, value, attention_mask,
+                                                args, kwargs, request, phase, new_valid, layout)
         if policy is not None:
             policy.update(self, signals)
         after_attention(self, phase)

@@ -1,7 +1,7 @@
 """Per-key attention mass of a block of queries, in O(n) memory per head, and the attention forward
 that produces the row log-sum-exp it needs.
 
-Layout (as `kvpress.attention`): the `q` queries are the last `q` of the layer's `S` slots, so query
+Layout (as `kvpress.reference_attention`): the `q` queries are the last `q` of the layer's `S` slots, so query
 `i` may attend slot `s` iff `slot_valid[s]` and `s <= S - q + i`. With the row log-sum-exp
 `lse[i] = log sum_s exp(l_is)` of the logits `l_is = q_i . k_s * scaling` (soft-capped when asked),
 
