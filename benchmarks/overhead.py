@@ -37,8 +37,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvpress import KVQuant, PrunedCache, PrunedLayer, load_model
-from kvpress.attention import grouped_attention, row_weights
+from kvpress.attention_path import row_weights
 from kvpress.policies import H2O, TOVA, AdaKV, KVCompose, QuantizedPruning, SnapKV, SpAtten
+from kvpress.reference_attention import grouped_attention
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@
 
 The layer is the contract with transformers (`update`, `get_seq_length`, `get_mask_sizes`, batch
 operations, `reset`) plus the glue of one forward (`attend`). What it holds has named homes:
-slot storage in `SlotStore` (kvpress/slots.py), the attention path in kvpress/attention.py, the
+slot storage in `SlotStore` (kvpress/slots.py), the attention path in kvpress/attention_path.py, the
 policy's state in `State` objects (kvpress/state.py) and the eviction step in kvpress/eviction.py.
 It holds no reference to its cache: what eviction needs from the cache (policy chain, slack,
 quantization, its place among the pruned layers, cross-layer state) is its `LayerContext`
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from kvpress import attention, hook
+from kvpress import attention_path, hook, masks
 from kvpress.context import LayerContext
 from kvpress.eviction import after_attention, fit_quantized, make_room
 from kvpress.policy import DECODE, PREFILL
@@ -177,13 +177,13 @@ class PrunedLayer(DynamicLayer):
         layout, self.layout = self.layout, None
         new_valid = None
         if q > 1 and layout is None:
-            new_valid = attention.new_token_validity(attention_mask, batch, q)  # [B, q] or None
+            new_valid = masks.new_token_validity(attention_mask, batch, q)  # [B, q] or None
         if new_valid is not None:
             self.slots.mark_new_tokens(new_valid)
         policy = self.context.policy
         request = policy.request(phase) if policy is not None else None
-        output, signals = attention.attend(self, original, module, query, key, value, attention_mask, args,
-                                           kwargs, request, phase, new_valid, layout)
+        output, signals = attention_path.attend(self, original, module, query, key, value, attention_mask,
+                                                args, kwargs, request, phase, new_valid, layout)
         if policy is not None:
             policy.update(self, signals)
         after_attention(self, phase)

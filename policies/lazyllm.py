@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from kvpress import attention
+from kvpress import masks
 from kvpress.policy import AttentionRequest, EvictionPolicy, Signals
 from kvpress.slots import TokenLayout
 from kvpress.spec import parse_value
@@ -195,7 +195,7 @@ class LazyLLM(EvictionPolicy):
             state.rotary = _rotary_for(attention_module)
         state.rotary.to(hidden.device)  # in place; the cache may have moved
         batch, tokens = hidden.shape[:2]
-        valid = attention.new_token_validity(kwargs.get("attention_mask"), batch, tokens)
+        valid = masks.new_token_validity(kwargs.get("attention_mask"), batch, tokens)
         if valid is None:
             valid = torch.ones(batch, tokens, dtype=torch.bool, device=hidden.device)
         if not bool(valid[:, -1].all()):

@@ -125,15 +125,15 @@ def test_ops_per_decoding_step_against_dynamic_cache(model, capsys):
 def test_fused_decode_kernel_folds_the_score_the_cache_uses(model, name, monkeypatch):
     """On CUDA the decoding step's attention and score update are one kernel launch. Here the kernel
     runs in Triton's CPU interpreter; its tokens and running scores equal the unfused path's."""
-    from kvpress import attention
+    from kvpress import attention_path
 
     ids = random_ids(1, 30, seed=4)
     settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     plain = PrunedCache(make_policy(name, 12))
     reference = model.generate(ids, cache=plain, **settings)
     calls = []
-    monkeypatch.setattr(attention, "fused_decode_fold", lambda query: calls.append(1) or True)
-    monkeypatch.setattr(attention, "FUSED_DECODE_BACKEND", "triton")
+    monkeypatch.setattr(attention_path, "fused_decode_fold", lambda query: calls.append(1) or True)
+    monkeypatch.setattr(attention_path, "FUSED_DECODE_BACKEND", "triton")
     fused = PrunedCache(make_policy(name, 12))
     assert torch.equal(model.generate(ids, cache=fused, **settings), reference)
     assert calls  # the fused path ran

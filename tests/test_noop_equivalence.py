@@ -9,8 +9,7 @@ import torch
 from tiny_models import FAMILY_IMPL, random_ids, tiny_model
 from transformers import DynamicCache
 
-from kvpress import PrunedCache
-from kvpress import attention as library_attention
+from kvpress import PrunedCache, attention_path
 from kvpress.policies import H2O, RandomPolicy, SnapKV
 
 DECODING = {
@@ -32,8 +31,8 @@ def test_never_evicting_policy_matches_dynamic_cache(family, attn, decoding, mon
     ids = random_ids(2, 20)
     reference = generate(model, ids, DynamicCache(config=model.config), decoding)
     calls = []
-    grouped = library_attention.grouped_attention
-    monkeypatch.setattr(library_attention, "grouped_attention",
+    grouped = attention_path.grouped_attention  # the library's own attention, as the path calls it
+    monkeypatch.setattr(attention_path, "grouped_attention",
                         lambda *args, **kwargs: calls.append(args[0].shape[2]) or grouped(*args, **kwargs))
     for policy, own_path in ((None, False), (RandomPolicy(budget=1.0), False), (H2O(budget=1.0, window=0), True),
                              (SnapKV(budget=1.0, window=4), True)):

@@ -1,5 +1,5 @@
-"""Attention over KIVI-quantized storage (`kvpress.attention.quantized_attention`): blocks of dequantized
-slots instead of the whole layer, and the quantized decode kernel on CUDA (run here in Triton's
+"""Attention over KIVI-quantized storage (`kvpress.reference_attention.quantized_attention`): blocks of
+dequantized slots instead of the whole layer, and the quantized decode kernel on CUDA (run here in Triton's
 interpreter).
 
 The reference is a naive loop: softmax attention, row by row and head by head, over the store's
@@ -11,9 +11,9 @@ import torch
 from registry_policies import make_policy
 from tiny_models import random_ids, tiny_model
 
-from kvpress import KVQuant, PrunedCache, attention
-from kvpress.attention import quantized_attention
+from kvpress import KVQuant, PrunedCache, reference_attention
 from kvpress.quant import QuantizedStore
+from kvpress.reference_attention import quantized_attention
 from kvpress.triton_kernels import HAS_TRITON
 
 
@@ -90,7 +90,8 @@ def test_a_forward_never_dequantizes_the_whole_layer(monkeypatch):
 
     monkeypatch.setattr(QuantizedStore, "_block", recorded)
     monkeypatch.setattr(QuantizedStore, "dequantize", whole)
-    monkeypatch.setattr(attention, "QUANTIZED_BLOCK_ELEMENTS", 2 * 2 * 16 * 16)  # 16 slots of [B=2, Hkv=2, D=16]
+    # 16 slots of [B=2, Hkv=2, D=16]
+    monkeypatch.setattr(reference_attention, "QUANTIZED_BLOCK_ELEMENTS", 2 * 2 * 16 * 16)
     cache = PrunedCache(make_policy("h2o", 40), quantization=KVQuant(bits=4, group_size=8, residual=8))
     ids = random_ids(2, 60, seed=2)
     with torch.no_grad():
@@ -117,8 +118,8 @@ def test_quantized_decode_kernel_is_what_the_cache_uses(name, monkeypatch):
     reference = model.generate(ids, cache=plain, **settings)
     calls = []
     launcher = quantization.quantized_decode_attention_triton
-    monkeypatch.setattr(attention, "QUANTIZED_DECODE_BACKEND", "triton")
-    monkeypatch.setattr(attention, "quantized_decode_attention_triton",
+    monkeypatch.setattr(reference_attention, "QUANTIZED_DECODE_BACKEND", "triton")
+    monkeypatch.setattr(reference_attention, "quantized_decode_attention_triton",
                         lambda *args, **kwargs: calls.append(1) or launcher(*args, **kwargs))
     fused = PrunedCache(make_policy(name, 24), quantization=quant)
     assert torch.equal(model.generate(ids, cache=fused, **settings), reference)

@@ -3,8 +3,9 @@
 Triton is optional (`pip install kvprune[triton]`); without it every dispatch function runs the
 PyTorch reference. Under `TRITON_INTERPRET=1` the kernels run on CPU tensors (tests do this); there
 `tl.dot` on bf16 operands returns garbage, so the kernels upcast their operands to fp32
-(integration-notes.md section 6). Kernels call no other `@triton.jit` function: a helper decorated
-before `TRITON_INTERPRET=1` was set cannot be called from an interpreted kernel.
+(integration-notes.md section 6). A kernel calls only `@triton.jit` helpers decorated in the same
+import as itself (`online_softmax.py`): a helper decorated before `TRITON_INTERPRET=1` was set cannot
+be called from an interpreted kernel (tests/kernels/conftest.py re-wraps triton.language's own).
 """
 
 from __future__ import annotations

@@ -210,6 +210,7 @@ def decode_attention(
 
 
 if HAS_TRITON:
+    from kvpress.triton_kernels.online_softmax import online_softmax_step, tile_logits
 
     @triton.jit
     def _decode_split_kernel(
@@ -258,24 +259,14 @@ if HAS_TRITON:
             k = tl.load(k_ptrs, mask=n_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_G, BLOCK_N]
-            if HAS_SOFTCAP:  # tanh(s / c) * c, written with exp (the interpreter has no tanh)
-                s = (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * softcap
+            s = tile_logits(q, k, scaling, softcap, HAS_SOFTCAP, DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
             slot_ok = n_ok & (tl.load(m_base + n * stride_ms, mask=n_ok, other=0) != 0)
             s = tl.where(slot_ok[None, :], s, float("-inf"))
             if WANT_MASS:
                 tl.store(LOGITS + row[:, None] * slots + n[None, :], s, mask=g_ok[:, None] & n_ok[None, :])
-            new_max = tl.maximum(run_max, tl.max(s, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            alpha = tl.exp(run_max - safe_max)
-            p = tl.exp(s - safe_max[:, None])
-            run_sum = run_sum * alpha + tl.sum(p, axis=1)
-            if WANT_OUTPUT:
-                v = tl.load(v_ptrs, mask=n_ok[:, None] & (dv < VALUE_DIM)[None, :], other=0.0)
-                if UPCAST:
-                    v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            run_max = new_max
+            run_max, run_sum, acc = online_softmax_step(s, run_max, run_sum, acc, v_ptrs,
+                                                        n_ok[:, None] & (dv < VALUE_DIM)[None, :],
+                                                        WANT_OUTPUT, UPCAST, DOT_PRECISION)
             k_ptrs += BLOCK_N * stride_ks
             v_ptrs += BLOCK_N * stride_vs
         tl.store(PART_MAX + row * num_splits + split, run_max, mask=g_ok)

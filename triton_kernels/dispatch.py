@@ -1,4 +1,4 @@
-"""`kvpress.attention.grouped_attention`'s contract computed by the kernels: the CUDA path of
+"""`kvpress.reference_attention.grouped_attention`'s contract computed by the kernels: the CUDA path of
 `PrunedLayer.attend`.
 
 One query token (decode) goes to the fused decode kernel; a block of queries (prefill) to the

@@ -1,7 +1,7 @@
 """Per-key attention mass of a block of queries, in O(n) memory per head, and the attention forward
 that produces the row log-sum-exp it needs.
 
-Layout (as `kvpress.attention`): the `q` queries are the last `q` of the layer's `S` slots, so query
+Layout (as `kvpress.reference_attention`): the `q` queries are the last `q` of the layer's `S` slots, so query
 `i` may attend slot `s` iff `slot_valid[s]` and `s <= S - q + i`. With the row log-sum-exp
 `lse[i] = log sum_s exp(l_is)` of the logits `l_is = q_i . k_s * scaling` (soft-capped when asked),
 
@@ -288,6 +288,7 @@ def prefill_mass(query, key, slot_valid, *, scaling, softcap=None, query_valid=N
 
 
 if HAS_TRITON:
+    from kvpress.triton_kernels.online_softmax import online_softmax_step, tile_logits
 
     @triton.jit(do_not_specialize=["q_bucket", "s_bucket"])
     def _attention_lse_kernel(
@@ -338,23 +339,13 @@ if HAS_TRITON:
             k = tl.load(k_ptrs, mask=n_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_M, BLOCK_N]
-            if HAS_SOFTCAP:  # tanh(s / c) * c, written with exp (the interpreter has no tanh)
-                s = (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * softcap
+            s = tile_logits(q, k, scaling, softcap, HAS_SOFTCAP, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             slot_ok = n_ok & (tl.load(m_base + n * stride_ms, mask=n_ok, other=0) != 0)
             allowed = slot_ok[None, :] & (n[None, :] <= offset + i[:, None])
             s = tl.where(allowed, s, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(s, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            alpha = tl.exp(run_max - safe_max)
-            p = tl.exp(s - safe_max[:, None])
-            run_sum = run_sum * alpha + tl.sum(p, axis=1)
-            if WANT_OUTPUT:
-                v = tl.load(v_ptrs, mask=n_ok[:, None] & (dv < VALUE_DIM)[None, :], other=0.0)
-                if UPCAST:
-                    v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            run_max = new_max
+            run_max, run_sum, acc = online_softmax_step(s, run_max, run_sum, acc, v_ptrs,
+                                                        n_ok[:, None] & (dv < VALUE_DIM)[None, :],
+                                                        WANT_OUTPUT, UPCAST, DOT_PRECISION)
             k_ptrs += BLOCK_N * stride_ks
             v_ptrs += BLOCK_N * stride_vs
 
@@ -425,9 +416,7 @@ if HAS_TRITON:
                 if HAS_QUERY_VALID:
                     keep = tl.load(QUERY_VALID + b * stride_qvb + i * stride_qvm, mask=i_ok, other=0) != 0
                     row_weight = tl.where(keep, row_weight, 0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_M, BLOCK_N]
-                if HAS_SOFTCAP:  # tanh(s / c) * c, written with exp (the interpreter has no tanh)
-                    s = (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * softcap
+                s = tile_logits(q, k, scaling, softcap, HAS_SOFTCAP, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
                 allowed = slot_ok[None, :] & (n[None, :] <= offset + i[:, None])
                 acc += tl.where(allowed, tl.exp(s - lse[:, None]), 0.0) * row_weight[:, None]
                 q_ptrs += BLOCK_M * stride_qm

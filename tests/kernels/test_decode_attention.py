@@ -1,4 +1,4 @@
-"""Fused decode attention + per-slot mass against its PyTorch reference and `kvpress.attention`."""
+"""Fused decode attention + per-slot mass against its PyTorch reference and `kvpress.reference_attention`."""
 
 import importlib
 
@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
 
-from kvpress.attention import grouped_attention
+from kvpress.reference_attention import grouped_attention
 from kvpress.triton_kernels.decode_attention import (
     decode_attention_reference,
     decode_attention_triton,

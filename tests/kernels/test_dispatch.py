@@ -9,7 +9,8 @@ pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
 
-from kvpress.attention import grouped_attention, row_weights
+from kvpress.attention_path import row_weights
+from kvpress.reference_attention import grouped_attention
 from kvpress.triton_kernels import attention_signals, compact_slots, decode_attention, use_triton
 from kvpress.triton_kernels.prefill_mass import attention_with_lse_triton, prefill_mass_triton
 

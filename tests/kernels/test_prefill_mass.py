@@ -1,5 +1,5 @@
 """Prefill attention with log-sum-exp and the O(n) per-slot mass pass, against their PyTorch
-references and `kvpress.attention.grouped_attention`."""
+references and `kvpress.reference_attention.grouped_attention`."""
 
 import pytest
 import torch
@@ -8,7 +8,8 @@ pytest.importorskip("triton")
 
 from kernel_helpers import MASS_TOLERANCE, random_slots, tolerance
 
-from kvpress.attention import grouped_attention, row_weights
+from kvpress.attention_path import row_weights
+from kvpress.reference_attention import grouped_attention
 from kvpress.triton_kernels.prefill_mass import (
     attention_with_lse_reference,
     attention_with_lse_triton,

@@ -7,7 +7,7 @@ import torch
 from policy_helpers import eager_reference, tiny_model, token_ids
 from tiny_models import left_pad
 
-import kvpress.attention
+import kvpress.attention_path
 from kvpress import PrunedCache
 from kvpress.policies import PagedEviction
 from kvpress.policy import DECODE, PREFILL
@@ -55,13 +55,13 @@ def test_no_attention_signal_is_requested_or_computed(monkeypatch):
     policy = PagedEviction(budget=12, block_size=4)
     assert policy.request(PREFILL) is None and policy.request(DECODE) is None
     calls = []
-    original = kvpress.attention.grouped_attention
+    original = kvpress.attention_path.grouped_attention
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("weights") is not None)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kvpress.attention, "grouped_attention", counting)
+    monkeypatch.setattr(kvpress.attention_path, "grouped_attention", counting)
     model = tiny_model()
     ids, mask = left_pad([token_ids(30, seed=1)[0], token_ids(22, seed=2)[0]])  # padding: the library's path
     cache = PrunedCache(policy)

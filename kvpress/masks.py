@@ -1,0 +1,67 @@
+"""Checks of the model's attention mask against a pruned layer: which new tokens are real, whether
+the mask hides the padding the slots hold, and whether it says more than causal order, padding and a
+sliding window (then only the model's own attention can honour it)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def new_token_validity(mask: torch.Tensor | None, batch: int, q: int) -> torch.Tensor | None:
+    """`[B, q]` bool: which of the `q` new tokens are real, read from the model's mask (the new tokens
+    are its last `q` columns; a real key is visible from its own query row). None: all real."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:  # flash-attention: (B, kv) with 1 = real
+        return mask[:, -q:].bool()
+    columns = mask[..., -q:]  # a view; reduced over rows without building a [B, 1, q, q] bool copy
+    if columns.dtype == torch.bool:
+        seen_by_some_row = columns.any(dim=-2)
+    else:
+        seen_by_some_row = columns.amax(dim=-2) > torch.finfo(columns.dtype).min / 2
+    return seen_by_some_row.any(dim=1).expand(batch, q)  # [B, q]
+
+
+def visible(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask as bool (True = may attend), whether it is bool or additive float."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def mask_hides_padding(mask: torch.Tensor, slot_valid: torch.Tensor, q: int) -> bool:
+    """Whether the model's mask hides every padding slot held before this forward (a forward fed
+    without the batch's padding mask, e.g. a continuation called by hand, does not). A host sync:
+    called for multi-token forwards over a padded cache only."""
+    older = slot_valid[..., :-q].any(dim=1)  # [B, P]: some head holds a real token there
+    if mask.dim() == 2:
+        shown = mask[:, :-q].bool()
+    else:
+        columns = mask[..., :-q]
+        shown = (columns.any(dim=-2) if columns.dtype == torch.bool
+                 else columns.amax(dim=-2) > torch.finfo(columns.dtype).min / 2).any(dim=1)
+    return not bool((shown & ~older).any())
+
+
+def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None, q: int,
+                       window: int | None = None) -> bool:
+    """Whether a 4-D model mask says more than causal order, padding and the layer's sliding window:
+    among real query rows, the new tokens must see exactly the real new tokens at or before them (and
+    within the window), and, without a window, every real row the same older columns. Custom 4-D masks
+    and bidirectional blocks fail this; transformers' causal, sliding-window and padding masks pass."""
+    if mask is None or mask.dim() != 4 or q == 1:
+        return False
+    allowed = visible(mask).any(dim=1)  # [B, q, kv]
+    batch = allowed.shape[0]
+    real = new_valid if new_valid is not None else torch.ones(batch, q, dtype=torch.bool, device=mask.device)
+    causal = torch.ones(q, q, dtype=torch.bool, device=mask.device).tril()
+    expected_new = causal & real[:, None, :]  # [B, q, q]
+    if window is not None:
+        position = torch.cumsum(real.long(), dim=-1)  # [B, q], real tokens only matter
+        expected_new = expected_new & (position[:, :, None] - position[:, None, :] < window)
+    rows = real[:, :, None]
+    new_block_differs = ((allowed[..., -q:] != expected_new) & rows).any()
+    if window is not None:
+        return bool(new_block_differs)
+    older = allowed[..., :-q]
+    reference_row = older.gather(1, real.long().argmax(dim=1)[:, None, None].expand(-1, 1, older.shape[-1]))
+    older_differs = ((older != reference_row) & rows).any()
+    return bool(new_block_differs | older_differs)
