@@ -167,7 +167,7 @@ def run_one(args, prep: Prepared, spec_text: str, out_dir: str, *, compress: str
     """Run one policy spec into ``out_dir``; on rank 0 score it (with fidelity to the full-cache run
     in ``reference`` when given), write the reports, return the result."""
     from kvpress.longbench import runner
-    from kvpress.longbench.report import score_run, v2_table, write_reports
+    from kvpress.longbench.results import score_run, v2_table, write_reports
     from kvpress.spec import build_cache, parse_spec
 
     spec = parse_spec(spec_text)
@@ -252,7 +252,7 @@ def longbench_run(argv: list[str]) -> int:
 
 
 def longbench_score(argv: list[str]) -> int:
-    from kvpress.longbench.report import score_run, v2_table, write_reports
+    from kvpress.longbench.results import score_run, v2_table, write_reports
 
     parser = argparse.ArgumentParser(prog="kvpress longbench score", description="Score a run folder.")
     parser.add_argument("dirs", nargs="+", help="run folder(s)")
@@ -353,7 +353,7 @@ def compare_main(argv: list[str]) -> int:
     compressed run against the full cache's predictions, print and save the comparison."""
     from kvpress.longbench.plot import plot_comparison
     from kvpress.longbench.progress import FileProgress
-    from kvpress.longbench.report import (
+    from kvpress.longbench.results import (
         ComparedRun,
         comparison_csv,
         comparison_rows,

@@ -11,7 +11,7 @@ Modules, one job each:
 * ``runner``   -- resumable, sharded prediction loop writing append-only JSONL
 * ``store``    -- the files of a run folder
 * ``fidelity`` -- each task's metric with the full cache's predictions as references
-* ``report``   -- result.json (with completeness), markdown and CSV tables, the ``compare`` tables
+* ``results``  -- result.json (with completeness), markdown and CSV tables, the ``compare`` tables
 * ``plot``     -- score-vs-budget, KV-bytes-vs-score and the ``compare`` figure
 * ``progress`` -- one progress bar over the prediction files of every worker
 

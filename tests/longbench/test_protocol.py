@@ -14,7 +14,7 @@ from kvpress import PrunedCache
 from kvpress.longbench import generate as gen
 from kvpress.longbench import prompts, runner
 from kvpress.longbench.data import DataSource
-from kvpress.longbench.report import score_run
+from kvpress.longbench.results import score_run
 from kvpress.longbench.store import RunStore
 from kvpress.longbench.tasks import parse_task_list, tasks
 
@@ -171,7 +171,7 @@ def test_scoring_keeps_dataset_ids_and_reports_completeness(tmp_path):
 
 
 def test_official_suite_sizes_match_the_task_table():
-    from kvpress.longbench.report import official_count
+    from kvpress.longbench.results import official_count
 
     assert sum(official_count(c.name) for c in parse_task_list("all")) == 4750
     assert sum(official_count(c.name) for c in parse_task_list("e")) == 3668
