@@ -11,9 +11,14 @@ Modules, one job each:
 * ``runner``   -- resumable, sharded prediction loop writing append-only JSONL
 * ``store``    -- the files of a run folder
 * ``fidelity`` -- each task's metric with the full cache's predictions as references
-* ``report``   -- result.json (with completeness), markdown and CSV tables, the ``compare`` tables
+* ``results``  -- result.json (with completeness), markdown and CSV tables, the ``compare`` tables
 * ``plot``     -- score-vs-budget, KV-bytes-vs-score and the ``compare`` figure
 * ``progress`` -- one progress bar over the prediction files of every worker
+* ``prepare``  -- what a run needs besides the policy: process group, data source, records, model
+* ``evaluate`` -- one policy: predict into a run folder, score it, write and print its reports
+* ``compare``  -- several policies against the full cache: compare.md, compare.csv, compare.png
+* ``command``  -- the command lines ``longbench [run|score|plot]`` and ``compare``: options, workers,
+  dispatch (``kvpress.cli`` and ``python -m kvpress.longbench`` call it; nothing here imports the command)
 
 The exact protocol (prompts, truncation, generation lengths, metrics, aggregation) is the one of the
 official THUDM/LongBench code; ``docs/longbench.md`` in the repository states it, lists the

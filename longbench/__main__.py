@@ -3,7 +3,7 @@ the same as ``kvpress longbench ...``."""
 
 import sys
 
-from kvpress.cli import main
+from kvpress.longbench.command import main
 
 if __name__ == "__main__":
     sys.exit(main(["longbench", *sys.argv[1:]]))

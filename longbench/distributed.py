@@ -87,10 +87,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_local(argv: list[str], workers: int) -> int:
-    """Run ``kvpress <argv>`` in ``workers`` local processes (what ``torchrun --nproc-per-node`` does,
-    without the extra launcher): each gets RANK/WORLD_SIZE and a rendezvous on localhost. Returns the
-    worst exit code."""
+def spawn_local(module: str, argv: list[str], workers: int) -> int:
+    """Run ``python -m <module> <argv>`` in ``workers`` local processes (what ``torchrun
+    --nproc-per-node`` does, without the extra launcher): each gets RANK/WORLD_SIZE and a rendezvous on
+    localhost. Returns the worst exit code."""
     import subprocess
     import sys
 
@@ -99,7 +99,7 @@ def spawn_local(argv: list[str], workers: int) -> int:
     for rank in range(workers):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(workers),
                    LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "kvpress.cli", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
     return _wait_all(procs)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from .report import score_run
+from .results import score_run
 
 
 def load_runs(folders: list[str]) -> list[dict]:

@@ -100,3 +100,24 @@ def test_ranks_share_a_run_round_robin_across_tasks():
         assert sorted(i for share in shares for i in share) == list(range(12))  # every sample exactly once
         assert max(map(len, shares)) - min(map(len, shares)) <= 1            # balanced over the run
         assert all(share == [i for i in range(12) if i % world == r] for r, share in enumerate(shares))
+
+
+
+def test_longbench_never_imports_the_command():
+    """The command sits on top: no module of the LongBench harness imports ``kvpress.cli``."""
+    import ast
+    from pathlib import Path
+
+    import kvpress.longbench
+
+    for path in sorted(Path(kvpress.longbench.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                package = ["kvpress", "longbench"][: 3 - node.level] if node.level else []
+                base = ".".join([*package, *([node.module] if node.module else [])])
+                names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            else:
+                continue
+            assert not [n for n in names if n == "kvpress.cli" or n.startswith("kvpress.cli.")], path.name

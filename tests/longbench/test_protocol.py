@@ -14,7 +14,7 @@ from kvpress import PrunedCache
 from kvpress.longbench import generate as gen
 from kvpress.longbench import prompts, runner
 from kvpress.longbench.data import DataSource
-from kvpress.longbench.report import score_run
+from kvpress.longbench.results import score_run
 from kvpress.longbench.store import RunStore
 from kvpress.longbench.tasks import parse_task_list, tasks
 
@@ -171,7 +171,7 @@ def test_scoring_keeps_dataset_ids_and_reports_completeness(tmp_path):
 
 
 def test_official_suite_sizes_match_the_task_table():
-    from kvpress.longbench.report import official_count
+    from kvpress.longbench.results import official_count
 
     assert sum(official_count(c.name) for c in parse_task_list("all")) == 4750
     assert sum(official_count(c.name) for c in parse_task_list("e")) == 3668
@@ -180,8 +180,10 @@ def test_official_suite_sizes_match_the_task_table():
 
 def test_non_main_rank_takes_the_data_source_of_rank_0(tiny_model_dir, tmp_path, monkeypatch):
     """A worker never resolves the source itself: whatever its own view, it uses what rank 0 sent."""
-    from kvpress import cli
+    import argparse
+
     from kvpress.longbench import data, distributed
+    from kvpress.longbench.prepare import prepare
 
     (tmp_path / "passage_count.jsonl").write_text(
         (data.sample_dir() / "passage_count.jsonl").read_text().splitlines()[0] + "\n")
@@ -196,22 +198,22 @@ def test_non_main_rank_takes_the_data_source_of_rank_0(tiny_model_dir, tmp_path,
 
     monkeypatch.setattr(distributed.Shard, "from_env", classmethod(lambda cls: Worker(rank=1, world=2)))
     monkeypatch.setattr(data, "resolve_source", lambda *a: pytest.fail("a worker resolved the data source"))
-    args = cli.argparse.Namespace(data="auto", data_dir=None, tasks="passage_count", max_length=500, limit=None,
-                                  model=str(tiny_model_dir), device="cpu", dtype="auto", attn_implementation="sdpa")
-    prep = cli.prepare(args)
+    args = argparse.Namespace(data="auto", data_dir=None, tasks="passage_count", max_length=500, limit=None,
+                              model=str(tiny_model_dir), device="cpu", dtype="auto", attn_implementation="sdpa")
+    prep = prepare(args)
     assert prep.source == DataSource("dir", str(tmp_path)) and len(prep.records["passage_count"]) == 1
 
 
 def test_truncation_length_from_model2maxlen(capsys):
-    from kvpress import cli
+    from kvpress.longbench.prepare import resolve_max_length
 
-    assert cli.resolve_max_length(None, "mistralai/Mistral-7B-Instruct-v0.2", "hub")[0] == 31500
-    assert cli.resolve_max_length(None, "/models/Meta-Llama-3-8B-Instruct/", "dir")[0] == 7950
-    assert cli.resolve_max_length(None, "THUDM/chatglm2-6b", "dir")[0] == 31500
-    assert cli.resolve_max_length(4000, "mistralai/Mistral-7B-Instruct-v0.2", "hub") == (4000, "--max-length")
-    assert cli.resolve_max_length(None, "smollm2", "sample") == (7500, "bundled-sample default")
+    assert resolve_max_length(None, "mistralai/Mistral-7B-Instruct-v0.2", "hub")[0] == 31500
+    assert resolve_max_length(None, "/models/Meta-Llama-3-8B-Instruct/", "dir")[0] == 7950
+    assert resolve_max_length(None, "THUDM/chatglm2-6b", "dir")[0] == 31500
+    assert resolve_max_length(4000, "mistralai/Mistral-7B-Instruct-v0.2", "hub") == (4000, "--max-length")
+    assert resolve_max_length(None, "smollm2", "sample") == (7500, "bundled-sample default")
     with pytest.raises(ValueError, match="--max-length is required with real data for model 'org/unknown-7b'"):
-        cli.resolve_max_length(None, "org/unknown-7b", "dir")
+        resolve_max_length(None, "org/unknown-7b", "dir")
 
 
 class _Connection:
@@ -254,6 +256,7 @@ def test_compare_uses_the_bundled_sample_online_and_offline(tiny_model_dir, tmp_
 
 def test_bad_compare_options_name_the_argument(capsys):
     from kvpress import cli
+    from kvpress.longbench.compare import compare_specs
 
     with pytest.raises(SystemExit):
         cli.main(["compare", "--compress", "everything"])
@@ -261,16 +264,18 @@ def test_bad_compare_options_name_the_argument(capsys):
     with pytest.raises(SystemExit):
         cli.main(["longbench", "--max-length", "0"])
     assert "--max-length must be an integer >= 1, got '0'" in capsys.readouterr().err
-    assert cli.compare_specs(["snapkv:budget=0.2", "full"]) == ["full", "snapkv:budget=0.2"]
-    assert cli.compare_specs(["h2o:budget=0.5", "h2o:budget=0.5"]) == ["full", "h2o:budget=0.5"]
-    assert cli.compare_specs(["snapkv:budget=0.5+kvquant:bits=4"])[0] == "full"  # quantized is not the reference
+    assert compare_specs(["snapkv:budget=0.2", "full"]) == ["full", "snapkv:budget=0.2"]
+    assert compare_specs(["h2o:budget=0.5", "h2o:budget=0.5"]) == ["full", "h2o:budget=0.5"]
+    assert compare_specs(["snapkv:budget=0.5+kvquant:bits=4"])[0] == "full"  # quantized is not the reference
 
 
 def test_v2_limit_is_not_taken_from_max_length():
-    from kvpress import cli
+    import argparse
 
-    parser = cli.argparse.ArgumentParser()
-    cli.add_run_options(parser)
+    from kvpress.longbench.command import add_run_options
+
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
     args = parser.parse_args(["--tasks", "en16,v2", "--max-length", "31500"])
     assert args.max_length == 31500 and args.v2_max_length == runner.V2_MAX_LENGTH == 120000
     assert parser.parse_args(["--v2-max-length", "64000"]).v2_max_length == 64000

@@ -13,7 +13,7 @@ import pytest
 
 from kvpress.longbench import runner
 from kvpress.longbench.data import DataSource
-from kvpress.longbench.report import score_run, write_reports
+from kvpress.longbench.results import score_run, write_reports
 from kvpress.longbench.store import ConfigMismatch, RunStore
 from kvpress.longbench.tasks import parse_task_list
 

@@ -93,7 +93,7 @@ def test_score_and_plot_commands(tmp_path):
 
 def test_comparison_table_reports_score_fidelity_bytes_and_time(tmp_path):
     from kvpress.longbench.plot import plot_comparison
-    from kvpress.longbench.report import (
+    from kvpress.longbench.results import (
         ComparedRun,
         comparison_csv,
         comparison_rows,
