@@ -13,16 +13,11 @@ from kvpress.cache import PrunedCache
 from kvpress.composition import CompositionError
 from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
-from kvpress.policy import (
-    AttentionRequest,
-    EvictionPolicy,
-    Policy,
-    Selection,
-    Signals,
-    Wrapper,
-)
+from kvpress.policy import EvictionPolicy, Policy, Wrapper
 from kvpress.quant import KVQuant
 from kvpress.report import CacheReport, LayerReport
+from kvpress.selection import Selection
+from kvpress.signals import AttentionRequest, Signals
 
 _hook.install()
 

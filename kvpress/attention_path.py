@@ -14,8 +14,8 @@ import math
 import torch
 
 from kvpress.masks import mask_has_structure, mask_hides_padding
-from kvpress.policy import AttentionRequest, Signals
 from kvpress.reference_attention import grouped_attention, quantized_attention
+from kvpress.signals import AttentionRequest, Signals
 from kvpress.triton_kernels import use_triton
 from kvpress.triton_kernels.decode_attention import decode_attention
 

@@ -18,6 +18,7 @@ from transformers.cache_utils import (
 )
 
 from kvpress import hook
+from kvpress.budgets import check_int
 from kvpress.context import CrossLayerState, LayerContext
 from kvpress.eviction import allocate_across_layers
 from kvpress.layer import PrunedLayer
@@ -57,8 +58,7 @@ class PrunedCache(Cache):
                  quantization: KVQuant | None = None):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             raise ValueError(f"policy must be a kvpress policy or None, got {type(policy).__name__}")
-        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
-            raise ValueError(f"slack must be an int >= 0, got {slack!r}")
+        check_int("PrunedCache", "slack", slack, 0)
         if quantization is not None and not isinstance(quantization, KVQuant):
             raise ValueError(f"quantization must be a kvpress.KVQuant or None, got {type(quantization).__name__}")
         super().__init__(layers=[])

@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvpress.policy import DECODE, PREFILL, Selection, host_slots_for_budget, top_k_selection
+from kvpress.budgets import host_slots_for_budget
 from kvpress.ragged import HeadRoom
+from kvpress.selection import Selection, keep_mask, select, top_k_selection, valid_first_order
+from kvpress.signals import DECODE, PREFILL
 from kvpress.state import Allocation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,12 +61,12 @@ def after_attention(layer, phase: str) -> None:
         return
     if in_place:
         if layer.tokens_since_eviction > context.slack and host_slots_for_budget(layer.budget, layer.seen) < layer.seen:
-            layer.slots.drop(policy.keep_mask(layer))
+            layer.slots.drop(keep_mask(policy, layer))
             layer.tokens_since_eviction = 0
             layer.evictions += 1
             policy.compacted(layer, None)
         return
-    selection = policy.select(layer, context.slack)
+    selection = select(policy, layer, context.slack)
     if selection is not None:
         compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))
         layer.tokens_since_eviction = 0
@@ -109,7 +111,7 @@ def make_room(layer, q: int) -> None:
         since = layer.tokens_since_eviction
         width = min(slots.used, held_bound(layer))
         # valid slots first, in slot (temporal) order; a host bound, so no sync
-        order = torch.argsort((~slots.valid).to(torch.int8), dim=-1, stable=True)[..., :width]
+        order = valid_first_order(slots.valid)[..., :width]
         if stores_per_head(layer):
             live = slots.live_heads
             kept = min(live * width, policy.row_bound(layer) + live * since)
@@ -154,7 +156,7 @@ def fit_quantized(layer) -> None:
         if width == stop - start:
             parts.append(torch.arange(start, stop, device=valid.device).expand(*valid.shape[:2], -1))
             continue
-        order = torch.argsort((~valid[..., start:stop]).to(torch.int8), dim=-1, stable=True)[..., :width]
+        order = valid_first_order(valid[..., start:stop])[..., :width]
         parts.append(order.sort(dim=-1).values + start)
     index = torch.cat(parts, dim=-1)
     compact(layer, Selection(indices=index, valid=valid.gather(-1, index)), count=False, quantized=keep_q)
@@ -217,7 +219,7 @@ def allocate_across_layers(policy: EvictionPolicy, layers: list) -> None:
         layer_counts = layer_counts.to(torch.long)
         layer.allocation = Allocation(counts=layer_counts, uniform=uniform, most=int(layer_counts.max()),
                                       uniform_most=int(uniform.max()))
-        selection = policy.select(layer, 0, counts=layer_counts)
+        selection = select(policy, layer, 0, counts=layer_counts)
         if selection is not None and layer.slots.quantized is not None:
             drop_selection(layer, selection)
             fit_quantized(layer)

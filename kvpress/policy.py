@@ -1,4 +1,6 @@
-"""Policy base classes: budgets, protected slots, attention-signal requests, state and top-k selection.
+"""Policy base classes: what a policy author subclasses (`Policy`, `Wrapper`) and the hooks the engine
+calls. Selection maths lives in kvpress/selection.py, budget arithmetic in kvpress/budgets.py, the
+attention signals in kvpress/signals.py, composition rules in kvpress/composition.py.
 
 A policy answers one question per layer: which slots to keep. It is a pure description (a dataclass
 of hyperparameters); what it remembers lives in `State` objects that the cache creates through it and
@@ -9,129 +11,39 @@ layer:
    row, the last `w` rows); the attention step computes only that, as the per-slot attention mass
    summed over the query heads of each KV group (`[B, Hkv, S]`, fp32);
 2. after attention, `update(layer, signals)` folds the signals into the policy's state;
-3. when the layer holds more than its keep counts plus the cache's slack (`over_budget`), the cache
-   selects (`keep_counts`, `protected`, `eligible`, `score`) and compacts slots and state together,
-   then tells the policy (`compacted`).
+3. when the layer holds more than its keep counts plus the cache's slack (`over_budget`), the engine
+   selects (kvpress/selection.py, from `keep_counts`, `protected`, `eligible`, `score`) and compacts
+   slots and state together, then tells the policy (`compacted`).
 
 Policies with `allocates_across_layers` skip step 3 at prefill: once every layer has attended the
 prompt, `allocate(layers)` chooses the per-layer counts and every layer compacts (kvpress/eviction.py).
 
-A concrete policy writes `score(layer)` (higher = keep) and, if it needs attention, `request`.
-`Wrapper` passes every hook through to its inner policy except the ones it changes.
+A concrete policy writes `score(layer)` (higher = keep), if it needs attention `request` (and `update`
+when the running mass is not what it keeps), and declares its capabilities; policies that set their
+own counts override `keep_counts` (and the host-side bounds that size storage). `Wrapper` passes
+every hook through to its inner policy except the ones it changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from kvpress import composition, registry
+from kvpress.budgets import check_budget, host_slots_for_budget, slots_for_budget
+from kvpress.selection import Selection
+from kvpress.signals import DECODE, PREFILL, AttentionRequest, Signals
 from kvpress.state import ScoreState, State
+
+# what a policy module imports from here, besides the base classes
+__all__ = ["DECODE", "PREFILL", "AttentionRequest", "EvictionPolicy", "Policy", "Selection", "Signals", "Wrapper",
+           "slots_for_budget"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvpress.quant import KVQuant
     from kvpress.view import LayerView
-
-PREFILL = "prefill"
-DECODE = "decode"
-
-
-@dataclass(frozen=True)
-class AttentionRequest:
-    """Which attention signal a policy needs for one forward of a layer.
-
-    rows: None for every query row of the forward, or `w` for only its last `w` rows (SnapKV's
-        observation window).
-    decay: per-row weight `decay ** age` (age 0 for the newest row); the running score is also
-        multiplied by `decay ** q` before the new mass is added (A2SF's forgetting factor; 1 = H2O).
-    accumulate: add the mass to the running score (H2O, A2SF) or replace it (SnapKV, TOVA).
-    """
-
-    rows: int | None = None
-    decay: float = 1.0
-    accumulate: bool = True
-
-
-@dataclass(frozen=True)
-class Signals:
-    """What one forward of a layer measured: `mass [B, Hkv, S]` fp32 as the request asked (None when
-    nothing was asked), `output [B, q, Hq, Dv]` the attention output, `q` new tokens in `phase`;
-    `query [B, Hq, q, D]` the forward's queries as the attention function received them (RoPE applied)
-    and `module` the model's attention module (config, head_dim, scaling), for policies that score
-    with the queries themselves (ExpectedAttention, KVzip). `folded`: the fused decode kernel already
-    folded the mass into the layer's `ScoreState`."""
-
-    phase: str
-    q: int
-    request: AttentionRequest | None
-    mass: torch.Tensor | None
-    output: torch.Tensor
-    query: torch.Tensor | None = None
-    module: torch.nn.Module | None = None
-    folded: bool = False
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Slots to keep: `indices [B, Hkv, K]` sorted ascending (physical order stays temporal) and
-    `valid [B, Hkv, K]` (False where a row or head keeps fewer than K real tokens). For per-head
-    storage the valid slots of each head come first, still in slot order (`valid_first`)."""
-
-    indices: torch.Tensor
-    valid: torch.Tensor
-
-    def valid_first(self) -> Selection:
-        """The same slots with each head's valid ones first (in slot order), the surplus after: the
-        order per-head storage lays them out in (kvpress/ragged.py)."""
-        order = torch.argsort((~self.valid).to(torch.int8), dim=-1, stable=True)
-        return Selection(indices=self.indices.gather(-1, order), valid=self.valid.gather(-1, order))
-
-
-def check_budget(owner: str, budget, sinks: int = 0, window: int = 0) -> None:
-    """Validate a budget and its protected slots; raise `ValueError` naming the argument."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"{owner}: budget must be an int >= 1 (slots per KV head) or a float in (0, 1] "
-                         f"(fraction of tokens seen), got {budget!r}")
-    if isinstance(budget, float) and not (0.0 < budget <= 1.0):
-        raise ValueError(f"{owner}: a float budget is a fraction of the tokens seen and must lie in (0, 1], "
-                         f"got {budget}")
-    if isinstance(budget, int) and budget <= 0:
-        raise ValueError(f"{owner}: budget must be >= 1 slot per KV head, got {budget}")
-    for name, value in (("sinks", sinks), ("window", window)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{owner}: {name} must be an int >= 0, got {value!r}")
-    if isinstance(budget, int) and sinks + window >= budget:
-        raise ValueError(f"{owner}: sinks + window ({sinks} + {window}) must be smaller than budget ({budget}), "
-                         f"otherwise nothing is left to choose")
-
-
-def budget_fraction(budget: float) -> Fraction:
-    return Fraction(budget).limit_denominator(1_000_000)
-
-
-def host_slots_for_budget(budget, seen: int) -> int:
-    """`slots_for_budget` for a host-side token count: an upper bound of every row's count when `seen`
-    counts padding too."""
-    if isinstance(budget, float):
-        fraction = budget_fraction(budget)
-        return min(seen, max(1, seen * fraction.numerator // fraction.denominator))
-    return min(seen, budget)
-
-
-def slots_for_budget(budget, real_seen: torch.Tensor) -> torch.Tensor:
-    """Slots each row may keep: `[B]` long. Int budget: that many (at most the real tokens seen);
-    float budget: `max(1, floor(seen * budget))` of the row's real tokens, in integer arithmetic
-    (the budget as the nearest fraction with a denominator up to 10^6), so no float64 reaches the
-    model's device."""
-    if isinstance(budget, float):
-        fraction = budget_fraction(budget)
-        keep = torch.clamp(real_seen * fraction.numerator // fraction.denominator, min=1)
-    else:
-        keep = torch.full_like(real_seen, budget)
-    return torch.minimum(keep, real_seen)
 
 
 class EvictionPolicy:
@@ -270,48 +182,6 @@ class EvictionPolicy:
         """Quantized storage this policy wants for `layer` (QuantizedPruning), None for full precision."""
         return None
 
-    def select(self, layer: LayerView, slack: int = 0, counts: torch.Tensor | None = None) -> Selection | None:
-        """Choose the slots to keep, or None when no (row, head) is over its count plus `slack`.
-        `counts` overrides `keep_counts` (the cross-layer stage). Surplus slots (padding, masked
-        holes, slots that are not eligible) go first."""
-        counts = self.keep_counts(layer) if counts is None else counts  # [B, Hkv]
-        eligible = self.eligible(layer)
-        if not self.over_budget(layer, counts, slack) and not bool((layer.valid & ~eligible).any()):
-            return None
-        kept = min(int(counts.max()), layer.num_slots)
-        scores = self.score(layer).float()
-        return top_k_selection(scores, eligible, self.protected(layer) & eligible, counts, kept)
-
-    def drops_one_at_most(self, layer: LayerView) -> bool:
-        """Whether this decoding step can push a (row, head) at most one slot over its count: one token
-        came since the last eviction, and the counts never shrink nor exclude slots (the uniform budget,
-        a scaled one, or a cross-layer allocation). Policies that redistribute counts or restrict
-        eligibility (PyramidKV, AdaKV, SpAtten) override `keep_counts` or `eligible`, so they rank."""
-        own = type(self)
-        uniform = own.keep_counts is EvictionPolicy.keep_counts and own.eligible is EvictionPolicy.eligible
-        return uniform and layer.tokens_since_eviction == 1
-
-    def keep_mask(self, layer: LayerView) -> torch.Tensor:
-        """`[B, Hkv, P]` bool: the slots `select` would keep, as a mask over the slots in place. No
-        host sync and no data movement: the decoding step's eviction. When at most one slot per (row,
-        head) can be over, the lowest-ranked one goes (`argmin`: the earliest of equal scores, as
-        `select` keeps the later); otherwise every slot is ranked."""
-        if self.drops_one_at_most(layer):
-            valid = layer.valid
-            big = torch.finfo(torch.float32).max
-            scores = self.score(layer).float().clamp(-big / 2, big / 2)
-            ranked = torch.where(valid, torch.where(self.protected(layer), big / 2, scores), big)
-            victim = ranked.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
-            over = valid.sum(-1, keepdim=True) > self.keep_counts(layer)[..., None]
-            return valid & ~torch.zeros_like(valid).scatter_(-1, victim, over)
-        eligible = self.eligible(layer)
-        ranked = rank_for_selection(self.score(layer).float(), eligible, self.protected(layer) & eligible)
-        order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                                .expand_as(order)).flip(-1)
-        return eligible & (rank < self.keep_counts(layer)[..., None])
-
-
 @dataclass
 class Policy(EvictionPolicy):
     """Base of every eviction policy: a budget, always-kept sinks and recent window, and per-head
@@ -350,26 +220,6 @@ class Policy(EvictionPolicy):
             state.scores = state.scores + signals.mass
         else:
             state.scores = state.scores * request.decay ** signals.q + signals.mass
-
-
-def rank_for_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-    """Scores to sort by: protected slots above everything, invalid ones below everything."""
-    big = torch.finfo(torch.float32).max
-    return torch.where(protected, big, torch.where(valid, scores.clamp(-big / 2, big / 2), -big))
-
-
-def top_k_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor,
-                    counts: torch.Tensor, kept: int) -> Selection:
-    """Per (row, head) top-`counts` slots by score, protected first, invalid last; ties go to the
-    later slot. Returns `kept` indices per head, sorted, with surplus marked invalid."""
-    ranked = rank_for_selection(scores, valid, protected)
-    # stable sort on the reversed slot order: among equal scores the later slot ranks first
-    order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)[..., :kept]
-    order = ranked.shape[-1] - 1 - order  # [B, Hkv, K]
-    rank = torch.arange(kept, device=scores.device)
-    keep_valid = (rank < counts[..., None]) & valid.gather(-1, order)
-    indices, perm = order.sort(dim=-1)
-    return Selection(indices=indices, valid=keep_valid.gather(-1, perm))
 
 
 @dataclass
@@ -433,11 +283,6 @@ class Wrapper(EvictionPolicy):
 
     def per_head_storage(self, layer):
         return self.inner.per_head_storage(layer)
-
-    def drops_one_at_most(self, layer):
-        own = type(self)
-        uniform = own.keep_counts is Wrapper.keep_counts and own.eligible is Wrapper.eligible
-        return uniform and self.inner.drops_one_at_most(layer)
 
     def eligible(self, layer):
         return self.inner.eligible(layer)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.budgets import check_number
 from kvpress.policy import PREFILL, AttentionRequest, Policy
 
 
@@ -36,9 +37,7 @@ class A2SF(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.forgetting, bool) or not isinstance(self.forgetting, (int, float)) \
-                or not 0.0 < self.forgetting <= 1.0:
-            raise ValueError(f"A2SF: forgetting must be a float in (0, 1], got {self.forgetting!r}")
+        check_number("A2SF", "forgetting", self.forgetting, 0, 1, open_low=True)
 
     def request(self, phase: str) -> AttentionRequest:
         return AttentionRequest(rows=None, decay=float(self.forgetting), accumulate=True)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.budgets import check_number
 from kvpress.policy import Wrapper
+from kvpress.selection import rank_from_order
 
 
 @dataclass
@@ -38,8 +40,7 @@ class AdaKV(Wrapper):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
-            raise ValueError(f"AdaKV: floor must be a float in [0, 1], got {self.floor!r}")
+        check_number("AdaKV", "floor", self.floor, 0, 1)
 
     def keep_counts(self, layer) -> torch.Tensor:
         uniform = self.inner.keep_counts(layer)  # [B, Hkv]
@@ -52,9 +53,7 @@ class AdaKV(Wrapper):
         ranked = torch.where(candidates, scores, torch.finfo(torch.float32).min).flatten(1)  # [B, Hkv*P]
         # ties go to the later slot, as in top_k_selection
         order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)
-        positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(-1, order, positions)
-        rank = rank.flip(-1).view(batch, heads, slots)
+        rank = rank_from_order(order).flip(-1).view(batch, heads, slots)
         chosen = candidates & (rank < free.sum(dim=-1)[:, None, None])
         counts = chosen.sum(dim=-1).float()  # n_h, exact in fp32
         floored = torch.round(counts * (1 - self.floor) + self.floor * free.float()).long()

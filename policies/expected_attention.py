@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from kvpress.budgets import check_bool, check_int, check_number
 from kvpress.policy import Policy
 from kvpress.state import State
 
@@ -50,15 +51,11 @@ class ExpectedAttention(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.future, bool) or not isinstance(self.future, int) or self.future < 1:
-            raise ValueError(f"ExpectedAttention: future must be an int >= 1 (positions averaged), got {self.future!r}")
+        check_int("ExpectedAttention", "future", self.future, 1, "positions averaged")
         for name in ("covariance", "value_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ExpectedAttention: {name} must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.epsilon, (int, float)) or isinstance(self.epsilon, bool) or self.epsilon < 0:
-            raise ValueError(f"ExpectedAttention: epsilon must be a number >= 0, got {self.epsilon!r}")
-        if not isinstance(self.decay, (int, float)) or isinstance(self.decay, bool) or not 0 < self.decay <= 1:
-            raise ValueError(f"ExpectedAttention: decay must lie in (0, 1], got {self.decay!r}")
+            check_bool("ExpectedAttention", name, getattr(self, name))
+        check_number("ExpectedAttention", "epsilon", self.epsilon, 0)
+        check_number("ExpectedAttention", "decay", self.decay, 0, 1, open_low=True)
 
     def new_layer_state(self, layer) -> QueryMoments:
         return QueryMoments()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvpress.budgets import check_int
 from kvpress.policies._shared import shift_nonnegative
 from kvpress.policy import Wrapper
 
@@ -47,8 +48,7 @@ class GraphKV(Wrapper):
                              f"slots), got {seeds!r}")
         for name in ("neighbours", "rounds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GraphKV: {name} must be an int >= 1, got {value!r}")
+            check_int("GraphKV", name, value, 1)
 
     def score(self, layer) -> torch.Tensor:
         candidates = self.eligible(layer) & ~self.protected(layer)  # [B, Hkv, P]

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.budgets import check_bool, check_int
 from kvpress.policy import DECODE, AttentionRequest, Policy, slots_for_budget
+from kvpress.selection import rank_from_order
 
 AGGREGATIONS = ("mean", "max")
 
@@ -70,11 +72,8 @@ class KVCompose(Policy):
         if self.agg_head not in AGGREGATIONS:
             raise ValueError(f"KVCompose: agg_head must be one of {AGGREGATIONS}, got {self.agg_head!r}")
         for name in ("structured", "add_v_norm", "add_mean_across_heads", "first_layer_max"):
-            if type(getattr(self, name)) is not bool:
-                raise ValueError(f"KVCompose: {name} must be a bool, got {getattr(self, name)!r}")
-        bound = self.keep_token_lower_bound
-        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
-            raise ValueError(f"KVCompose: keep_token_lower_bound must be an int >= 0, got {bound!r}")
+            check_bool("KVCompose", name, getattr(self, name))
+        check_int("KVCompose", "keep_token_lower_bound", self.keep_token_lower_bound, 0)
 
     def request(self, phase: str) -> AttentionRequest:
         if phase == DECODE:
@@ -166,7 +165,6 @@ def global_top_counts(scores: torch.Tensor, total: torch.Tensor, forced: int) ->
     lead = present & (torch.arange(width, device=scores.device) < forced)
     ranked = torch.where(lead, torch.inf, scores).flatten(1)  # [B, N * W]
     order = ranked.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                            .expand_as(order))
+    rank = rank_from_order(order)
     chosen = (rank < total[:, None]).view(batch, groups, width) & present
     return chosen.sum(-1)

@@ -8,7 +8,9 @@ from typing import ClassVar
 
 import torch
 
+from kvpress.budgets import check_int
 from kvpress.policy import Policy, slots_for_budget
+from kvpress.selection import rank_from_order
 from kvpress.state import ScoreState
 
 ROW_CHUNK = 256  # query rows per block when recomputing attention probabilities
@@ -59,8 +61,7 @@ class KVzip(Policy):
             raise ValueError(f"KVzip: allocation must be 'global' or 'layer', got {self.allocation!r}")
         for name, low in (("chunk_size", 1), ("overlap", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"KVzip: {name} must be an int >= {low}, got {value!r}")
+            check_int("KVzip", name, value, low)
         if self.overlap >= self.chunk_size:
             raise ValueError(f"KVzip: overlap ({self.overlap}) must be smaller than chunk_size ({self.chunk_size})")
 
@@ -129,8 +130,7 @@ def top_share(layers, uniform, policy) -> list[torch.Tensor]:
                         for layer, c in zip(layers, candidates)], dim=1)  # [B, N]
     room = sum(u.sum(-1) for u in uniform) - sum(p.sum((1, 2)) for p in protected)  # [B]
     order = scores.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = rank_from_order(order, dim=1)
     chosen = (rank < room[:, None]) & torch.isfinite(scores)  # [B, N]
     counts, offset = [], 0
     for layer, p in zip(layers, protected):

@@ -12,6 +12,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from kvpress import masks
 from kvpress.policy import AttentionRequest, EvictionPolicy, Signals
+from kvpress.selection import rank_from_order, valid_first_order
 from kvpress.slots import TokenLayout
 from kvpress.state import State
 
@@ -241,8 +242,7 @@ class LazyLLM(EvictionPolicy):
         ranked = torch.where(slot_valid, importance.clamp(-big / 2, big / 2), -big)
         ranked = torch.where(slot_positions == newest, big, ranked)
         order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                                .expand_as(order))
+        rank = rank_from_order(order)
         counts = torch.clamp(torch.round(state.real_seen.float() * keep).long(), min=1)
         chosen = slot_valid & (rank < counts[:, None])
         longest = int(state.real_seen.max())
@@ -301,7 +301,7 @@ class LazyLLM(EvictionPolicy):
         added = int(counts.max())
         if added == 0:
             return
-        order = torch.argsort((~fresh).long(), dim=-1, stable=True)[:, :added]  # the stopped ones first, in order
+        order = valid_first_order(fresh)[:, :added]  # the stopped ones first, in order
         used = torch.arange(added, device=fresh.device) < counts[:, None]
         hidden = work.hidden.gather(1, order[..., None].expand(-1, -1, work.hidden.shape[-1]))
         state.aux_hidden = torch.cat([state.aux_hidden, hidden], dim=1)
@@ -320,7 +320,7 @@ class LazyLLM(EvictionPolicy):
         held = state.aux_layer != ABSENT
         width = int(held.sum(-1).max()) if held.numel() else 0
         if width < held.shape[1]:
-            order = torch.argsort((~held).long(), dim=-1, stable=True)[:, :width]
+            order = valid_first_order(held)[:, :width]
             state.aux_hidden = state.aux_hidden.gather(1, order[..., None].expand(-1, -1, state.aux_hidden.shape[-1]))
             for name in ("aux_position", "aux_rope", "aux_layer"):
                 setattr(state, name, getattr(state, name).gather(1, order))

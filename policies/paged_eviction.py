@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.budgets import check_int
 from kvpress.policy import DECODE, PREFILL, Policy, slots_for_budget
 from kvpress.state import State
 
@@ -66,8 +67,7 @@ class PagedEviction(Policy):
     def __post_init__(self) -> None:
         super().__post_init__()
         size = self.block_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"PagedEviction: block_size must be an int >= 1 (slots per block), got {size!r}")
+        check_int("PagedEviction", "block_size", size, 1, "slots per block")
         if self.token_score not in TOKEN_SCORES:
             raise ValueError(f"PagedEviction: token_score must be one of {TOKEN_SCORES}, got {self.token_score!r}")
         oldest = self.oldest_blocks

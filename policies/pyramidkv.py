@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.budgets import check_number
 from kvpress.policies._shared import linear_layer_counts
 from kvpress.policy import Wrapper
 
@@ -32,8 +33,7 @@ class PyramidKV(Wrapper):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
-            raise ValueError(f"PyramidKV: beta must be a number >= 1 (top/bottom budget ratio), got {self.beta!r}")
+        check_number("PyramidKV", "beta", self.beta, 1, meaning="top/bottom budget ratio")
 
     def slot_bound(self, layer) -> int:
         return min(layer.seen, 2 * self.inner.slot_bound(layer))  # the lowest layer keeps at most 2x the mean

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvpress.budgets import check_bool
 from kvpress.policy import Wrapper
 from kvpress.quant import KVQuant, check_bits, parse_memory, slots_for_memory
 
@@ -49,8 +50,7 @@ class QuantizedPruning(Wrapper):
         if self.bits is not None:
             check_bits("QuantizedPruning", self.bits)
         KVQuant(4, self.group_size, self.residual)  # validates group_size and residual
-        if not isinstance(self.per_layer, bool):
-            raise ValueError(f"QuantizedPruning: per_layer must be a bool, got {self.per_layer!r}")
+        check_bool("QuantizedPruning", "per_layer", self.per_layer)
 
     # ---- the plan: precision and slots for a layer ----
     def layer_memory(self, layer) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpress.policy import DECODE, AttentionRequest, Policy
+from kvpress.selection import valid_first_order
 
 
 @dataclass
@@ -57,7 +58,7 @@ def pool_slots(scores: torch.Tensor, kernel: int, pooling: str, valid: torch.Ten
         return scores
     if valid is None:
         return _pool(scores, kernel, pooling)
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # valid slots first, in order
+    order = valid_first_order(valid)
     packed_valid = valid.gather(-1, order)
     packed = scores.gather(-1, order)
     packed = packed.masked_fill(~packed_valid, 0.0 if pooling == "avg" else torch.finfo(scores.dtype).min)

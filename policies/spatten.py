@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.budgets import check_number
 from kvpress.policies._shared import linear_layer_counts
 from kvpress.policy import AttentionRequest, Policy, Selection
+from kvpress.selection import rank_from_order
 from kvpress.state import State
 
 NEVER = torch.iinfo(torch.long).max
@@ -126,11 +128,8 @@ class SpAtten(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.token_beta, bool) or not isinstance(self.token_beta, (int, float)) or self.token_beta < 1:
-            raise ValueError(f"SpAtten: token_beta must be a number >= 1, got {self.token_beta!r}")
-        if isinstance(self.head_keep, bool) or not isinstance(self.head_keep, (int, float)) \
-                or not 0 < self.head_keep <= 1:
-            raise ValueError(f"SpAtten: head_keep must be a float in (0, 1], got {self.head_keep!r}")
+        check_number("SpAtten", "token_beta", self.token_beta, 1)
+        check_number("SpAtten", "head_keep", self.head_keep, 0, 1, open_low=True)
 
     def request(self, phase: str) -> AttentionRequest:
         return AttentionRequest(rows=None, accumulate=False)  # this forward's mass; the sum lives in the state
@@ -167,7 +166,7 @@ class SpAtten(Policy):
             keep = min(self.heads_kept(heads, index, count), heads - int(below.sum(-1).max()))
             ranked = state.heads.masked_fill(below, -math.inf)
             order = ranked.argsort(dim=-1, descending=True, stable=True)  # [B, Hkv]
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(heads, device=order.device).expand_as(order))
+            rank = rank_from_order(order)
             state.dropped[index] = below | (rank >= keep)
         return state.dropped[index]
 

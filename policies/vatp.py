@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.budgets import check_int
 from kvpress.policies._shared import shift_nonnegative
 from kvpress.policy import Wrapper
 
@@ -32,8 +33,7 @@ class VATP(Wrapper):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(f"VATP: sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+        check_int("VATP", "sink_tokens", self.sink_tokens, 0)
 
     def score(self, layer) -> torch.Tensor:
         inner = shift_nonnegative(self.inner.score(layer).float(), layer.valid)  # [B, Hkv, P]
