@@ -10,6 +10,7 @@ ordinary cache are unaffected.
 
 from kvpress import hook as _hook
 from kvpress.cache import PrunedCache
+from kvpress.kvquant import KVQuant
 from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
 from kvpress.policy import (
@@ -21,7 +22,6 @@ from kvpress.policy import (
     Signals,
     Wrapper,
 )
-from kvpress.quant import KVQuant
 from kvpress.report import CacheReport, LayerReport
 
 _hook.install()

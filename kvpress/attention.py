@@ -22,8 +22,9 @@ import math
 
 import torch
 
+from kvpress.kivi import block_of_slot
 from kvpress.policy import AttentionRequest, Signals
-from kvpress.quant import QuantizedStore, block_of_slot
+from kvpress.quantized import QuantizedStore
 from kvpress.triton_kernels import use_triton
 from kvpress.triton_kernels.decode_attention import decode_attention
 from kvpress.triton_kernels.quantization import quantized_decode_attention_triton

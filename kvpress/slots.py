@@ -14,7 +14,7 @@ marked invalid (a hole); holes are squeezed out by one gather when the buffer is
 When the KV heads of a layer keep different numbers of slots (the policy's `per_head_storage`), a
 compaction lays keys and values out per head in a `RaggedStore` (kvpress/ragged.py): the bytes follow
 the slots each head keeps, and `keys`/`values` are a view gathered for the forward. With quantized
-storage the keys and values live in a `QuantizedStore` (kvpress/quant.py): attention reads it block by
+storage the keys and values live in a `QuantizedStore` (kvpress/quantized.py): attention reads it block by
 block (kvpress/attention.py), transformers gets shape-only `meta` placeholders, and `keys`/`values`
 are dequantized only when a policy reads them during a forward (placeholders between forwards).
 """
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.quant import KVQuant, QuantizedStore
+from kvpress.kvquant import KVQuant
+from kvpress.quantized import QuantizedStore
 from kvpress.ragged import HeadRoom, RaggedStore
 from kvpress.triton_kernels.compaction import compact_slots
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvpress.kvquant import KVQuant, check_bits
+from kvpress.memory import parse_memory, slots_for_memory
 from kvpress.policy import Wrapper
-from kvpress.quant import KVQuant, check_bits, parse_memory, slots_for_memory
 
 
 @dataclass

@@ -13,7 +13,7 @@ from tiny_models import random_ids, tiny_model
 
 from kvpress import KVQuant, PrunedCache, attention
 from kvpress.attention import quantized_attention
-from kvpress.quant import QuantizedStore
+from kvpress.quantized import QuantizedStore
 from kvpress.triton_kernels import HAS_TRITON
 
 
