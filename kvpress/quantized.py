@@ -22,7 +22,10 @@ re-pack is the only re-quantization of an already-quantized value (one more roun
 Key groups are quantized from their valid slots only (`valid`), so a hole never widens a group's range.
 
 The quantization itself (formulas, packing) is kvpress/kivi.py; `KVQuant` (kvpress/kvquant.py) sets
-bits, groups and residual.
+bits, groups and residual. `QuantizedStorage` is the storage backend (kvpress/storage.py) of a
+quantized layer: attention reads the store block by block (kvpress/attention.py), transformers gets
+shape-only `meta` placeholders, and keys and values are dequantized only when a policy reads them
+during a forward.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from kvpress.kivi import (
     unpack_float,
 )
 from kvpress.kvquant import KVQuant, reserve_blocks
+from kvpress.storage import KVStorage, SlotMetadata
 
 
 class QuantizedStore:
@@ -214,3 +218,74 @@ class QuantizedStore:
         shape = (*self.residual_keys.shape[:2], self.num_slots, self.residual_keys.shape[-1])
         return (torch.empty(shape, dtype=self.dtype, device="meta"), torch.empty(shape, dtype=self.dtype, device="meta"))
 
+
+class QuantizedStorage(KVStorage):
+    """The storage backend of a quantized layer: its `QuantizedStore`, the shape-only placeholders
+    transformers gets, and the dequantized keys and values a policy read during the current forward."""
+
+    def __init__(self, quant: KVQuant, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+        """Move the full-precision slots `keys/values [B, Hkv, P, D]` (validity `valid`) into quantized
+        storage (at the end of the layer's first forward with quantization)."""
+        self.store = QuantizedStore(quant, keys, values, valid)
+        self.placeholders = self.store.placeholders()
+        self.dequantized: tuple[torch.Tensor, torch.Tensor] | None = None  # read by a policy this forward
+        self.in_forward = False
+
+    quantized = property(lambda self: self.store)
+    head_dim = property(lambda self: self.store.residual_keys.shape[-1])
+    itemsize = property(lambda self: self.store.dtype.itemsize)
+    nbytes = property(lambda self: self.store.nbytes)
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots as a policy reads them during a forward (dequantized once, when first read), or the
+        placeholders between forwards."""
+        if not self.in_forward:
+            return self.placeholders
+        if self.dequantized is None:
+            keys, values = self.store.dequantize()
+            store = self.store
+            self.dequantized = (torch.cat([keys, store.residual_keys], dim=-2),
+                                torch.cat([values, store.residual_values], dim=-2))
+        return self.dequantized
+
+    def read_keys(self, used: int) -> torch.Tensor:
+        return self._read()[0]
+
+    def read_values(self, used: int) -> torch.Tensor:
+        return self._read()[1]
+
+    def write(self, meta: SlotMetadata, start: int, keys: torch.Tensor,
+              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New slots go to the residual; attention reads the store itself (transformers the placeholders)."""
+        self.store.append(keys, values)
+        meta.extend(start, keys.shape[2])
+        self.placeholders, self.dequantized = self.store.placeholders(), None
+        self.in_forward = True
+        return self.placeholders
+
+    def reserve(self, meta: SlotMetadata, used: int, capacity: int) -> None:
+        pass  # sized exactly: the residual grows by concatenation, eviction cuts it (`compact`)
+
+    def take(self, index: torch.Tensor, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("quantized storage is never laid out again: it keeps its slots (`compact`)")
+
+    def compact(self, meta, positions, index, valid, scores, capacity, quantized):
+        """The first `quantized` entries of every head's `index` are quantized slots, the rest residual
+        ones (`QuantizedStore.keep`); metadata is sized exactly."""
+        if quantized is None:
+            raise ValueError("SlotStore.gather: quantized storage needs `quantized`, the kept quantized slots per head")
+        self.store.keep(index, quantized, valid)
+        self.placeholders, self.dequantized = self.store.placeholders(), None
+        positions = positions.gather(-1, index)
+        kept_scores = scores.gather(-1, index) if scores is not None else None
+        meta.valid, meta.positions = valid.clone(), positions
+        return kept_scores
+
+    def end_forward(self, meta: SlotMetadata, used: int) -> None:
+        """Quantize the residual slots whose group filled, and release what attention and policies read."""
+        self.store.flush(meta.valid[:, :, :used][..., self.store.quantized_slots:])
+        self.placeholders, self.dequantized, self.in_forward = self.store.placeholders(), None, False
+
+    def map_tensors(self, fn) -> None:
+        self.store.apply_batch(fn)
+        self.placeholders = self.store.placeholders()
