@@ -10,7 +10,6 @@ ordinary cache are unaffected.
 
 from kvpress import hook as _hook
 from kvpress.cache import PrunedCache
-from kvpress.kvquant import KVQuant
 from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
 from kvpress.policy import (
@@ -22,6 +21,7 @@ from kvpress.policy import (
     Signals,
     Wrapper,
 )
+from kvpress.quant_config import KVQuant
 from kvpress.report import CacheReport, LayerReport
 
 _hook.install()

@@ -18,9 +18,9 @@ from transformers.cache_utils import (
 )
 
 from kvpress.eviction import allocate_across_layers
-from kvpress.kvquant import KVQuant
 from kvpress.layer import PrunedLayer
 from kvpress.policy import EvictionPolicy
+from kvpress.quant_config import KVQuant
 from kvpress.report import CacheReport, LayerReport
 from kvpress.state import State
 

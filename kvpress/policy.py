@@ -31,8 +31,8 @@ import torch
 from kvpress.state import ScoreState, State
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvpress.kvquant import KVQuant
     from kvpress.layer import PrunedLayer
+    from kvpress.quant_config import KVQuant
 
 PREFILL = "prefill"
 DECODE = "decode"

@@ -21,7 +21,7 @@ is cut to that size, and a head with more live blocks than that is re-packed int
 re-pack is the only re-quantization of an already-quantized value (one more rounding, at most `s' / 2`).
 Key groups are quantized from their valid slots only (`valid`), so a hole never widens a group's range.
 
-The quantization itself (formulas, packing) is kvpress/kivi.py; `KVQuant` (kvpress/kvquant.py) sets
+The quantization itself (formulas, packing) is kvpress/kivi.py; `KVQuant` (kvpress/quant_config.py) sets
 bits, groups and residual. `QuantizedStorage` is the storage backend (kvpress/storage.py) of a
 quantized layer: attention reads the store block by block (kvpress/attention.py), transformers gets
 shape-only `meta` placeholders, and keys and values are dequantized only when a policy reads them
@@ -43,7 +43,7 @@ from kvpress.kivi import (
     rows_of_blocks,
     unpack_float,
 )
-from kvpress.kvquant import KVQuant, reserve_blocks
+from kvpress.quant_config import KVQuant, reserve_blocks
 from kvpress.storage import KVStorage, SlotMetadata
 
 

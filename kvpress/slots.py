@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.dense import DenseStorage
-from kvpress.kvquant import KVQuant
+from kvpress.quant_config import KVQuant
 from kvpress.quantized import QuantizedStorage
 from kvpress.ragged import HeadRoom, PerHeadStorage, RaggedStore
 from kvpress.storage import KVStorage, SlotMetadata, grow

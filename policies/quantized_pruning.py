@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvpress.kvquant import KVQuant, check_bits
 from kvpress.memory import parse_memory, slots_for_memory
 from kvpress.policy import Wrapper
+from kvpress.quant_config import KVQuant, check_bits
 
 
 @dataclass

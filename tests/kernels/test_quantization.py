@@ -58,7 +58,7 @@ def test_dequantize_kernels_match_reference(bits):
 
 
 def _quantized_layer(batch=2, heads=2, slots=24, residual=5, dim=32, bits=4, group=8):
-    from kvpress.kvquant import KVQuant
+    from kvpress.quant_config import KVQuant
     from kvpress.quantized import QuantizedStore
     keys = torch.randn(batch, heads, slots + residual, dim, device=DEVICE)
     values = torch.randn(batch, heads, slots + residual, dim, device=DEVICE)
