@@ -32,8 +32,8 @@ import torch
 from transformers.cache_utils import DynamicCache, QuantizedCache
 
 from kvpress import KVQuant, PrunedCache, load_model
+from kvpress.memory import kv_bytes
 from kvpress.policies import QuantizedPruning, SnapKV
-from kvpress.quant import kv_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_SHARE = 0.25

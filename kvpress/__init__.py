@@ -14,8 +14,8 @@ from kvpress.composition import CompositionError
 from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
 from kvpress.policy import EvictionPolicy, Policy, Wrapper
-from kvpress.quant import KVQuant
-from kvpress.report import CacheReport, LayerReport
+from kvpress.quant_config import KVQuant
+from kvpress.cache_report import CacheReport, LayerReport
 from kvpress.selection import Selection
 from kvpress.signals import AttentionRequest, Signals
 

@@ -23,8 +23,8 @@ from kvpress.context import CrossLayerState, LayerContext
 from kvpress.eviction import allocate_across_layers
 from kvpress.layer import PrunedLayer
 from kvpress.policy import EvictionPolicy
-from kvpress.quant import KVQuant
-from kvpress.report import CacheReport, LayerReport
+from kvpress.quant_config import KVQuant
+from kvpress.cache_report import CacheReport, LayerReport
 
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -50,7 +50,7 @@ class PrunedCache(Cache):
     slack: slots a layer may exceed its budget by before it compacts; compaction then goes back to
         the budget. 0 evicts at every step (H2O's definition); a larger slack amortises the copy.
     quantization: `KVQuant(bits, group_size, residual)` to store kept slots quantized (KIVI-style,
-        kvpress/quant.py); attention and policies read the dequantized slots. Without it, the policy
+        kvpress/quantized.py); attention and policies read the dequantized slots. Without it, the policy
         chain chooses the storage (`QuantizedPruning`, wherever it stands in the chain).
     """
 

@@ -42,7 +42,7 @@ __all__ = ["DECODE", "PREFILL", "AttentionRequest", "EvictionPolicy", "Policy", 
            "slots_for_budget"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvpress.quant import KVQuant
+    from kvpress.quant_config import KVQuant
     from kvpress.view import LayerView
 
 

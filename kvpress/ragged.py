@@ -3,7 +3,7 @@ slots.
 
 AdaKV gives each KV head of a layer its own count, SpAtten switches whole KV heads off, KVCompose's
 unstructured variant ranks (layer, head) pairs. In the `[B, Hkv, P, D]` layout of `SlotStore` every
-head is padded to the head that keeps most (AdaKV(SnapKV) at budget 0.2 on SmolLM2: 1.44x the bytes
+head is padded to the head that keeps most (kvpress/dense.py) (AdaKV(SnapKV) at budget 0.2 on SmolLM2: 1.44x the bytes
 of the slots kept). Here the keys and values of one batch row are one buffer `[B, C + 1, D]` in which
 each live KV head owns a run of consecutive rows: the slots it kept at the last re-layout, then `room`
 rows for the tokens of the next decoding steps. `C` is a host-side count, the same for every row, so
@@ -21,7 +21,10 @@ layout, so policies see the same slots whatever the storage. Slot `s` of head `(
 A re-layout (`build`) takes the kept slots of each head with the valid ones first (temporal order
 among them), so `front` is the head's count. Attention and policies read a transient `[B, Hkv, P, D]`
 view gathered once per forward (`view`) and released after it: the padding is per forward, the
-persistent bytes are the slots kept plus `room` per live head (`SlotStore.end_forward`).
+persistent bytes are the slots kept plus `room` per live head (`PerHeadStorage.end_forward`).
+
+`PerHeadStorage` is the storage backend (kvpress/storage.py) of a layer laid out this way: a
+`RaggedStore` and the view of the current forward.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kvpress.storage import KVStorage, SlotMetadata
 
 
 @dataclass(frozen=True)
@@ -134,3 +139,50 @@ class RaggedStore:
     def map_tensors(self, fn) -> None:
         for name in ("keys", "values", "start", "front", "live"):
             setattr(self, name, fn(getattr(self, name)))
+
+
+class PerHeadStorage(KVStorage):
+    """Keys and values stored per KV head (a `RaggedStore`), and the `[B, Hkv, P, D]` view gathered for
+    the current forward. It grows only by a re-layout (`SlotStore.gather` with a `HeadRoom` plan)."""
+
+    def __init__(self, ragged: RaggedStore):
+        self.ragged = ragged
+        self.forward_view: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered for the current forward
+
+    per_head = property(lambda self: self.ragged)
+    head_dim = property(lambda self: self.ragged.keys.shape[-1])
+    itemsize = property(lambda self: self.ragged.keys.element_size())
+    nbytes = property(lambda self: self.ragged.nbytes)
+
+    def _current(self, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's view; outside a forward a fresh one that nothing keeps."""
+        return self.forward_view if self.forward_view is not None else self.ragged.view(used)
+
+    def read_keys(self, used: int) -> torch.Tensor:
+        return self._current(used)[0]
+
+    def read_values(self, used: int) -> torch.Tensor:
+        return self._current(used)[1]
+
+    def write(self, meta: SlotMetadata, start: int, keys: torch.Tensor,
+              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ragged.write(start, keys, values)
+        self.forward_view = self.ragged.view(start + keys.shape[2])
+        return self.forward_view
+
+    def reserve(self, meta: SlotMetadata, used: int, capacity: int) -> None:
+        if capacity > meta.capacity:
+            raise RuntimeError("per-head storage grows by a re-layout (eviction.make_room), not in place")
+
+    def take(self, index: torch.Tensor, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ragged.gather(index, used)
+
+    def switch_off(self, heads: torch.Tensor) -> None:
+        self.ragged.switch_off(heads)
+
+    def end_forward(self, meta: SlotMetadata, used: int) -> None:
+        self.forward_view = None
+
+    def map_tensors(self, fn) -> None:
+        self.ragged.map_tensors(fn)
+        self.forward_view = None

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from kvpress.quant import QuantizedStore, block_of_slot
+from kvpress.kivi import block_of_slot
+from kvpress.quantized import QuantizedStore
 from kvpress.triton_kernels import use_triton
 from kvpress.triton_kernels.quantization import quantized_decode_attention_triton
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvpress.budgets import check_bool
+from kvpress.memory import parse_memory, slots_for_memory
 from kvpress.policy import Wrapper
-from kvpress.quant import KVQuant, check_bits, parse_memory, slots_for_memory
+from kvpress.quant_config import KVQuant, check_bits
 
 
 @dataclass
 class QuantizedPruning(Wrapper):
     """Prune with `inner` (its scores, sinks and window) to as many slots as `memory` bytes hold at
-    `bits` bits, and store the kept slots KIVI-quantized (kvpress/quant.py): at b bits a slot costs
+    `bits` bits, and store the kept slots KIVI-quantized (kvpress/quantized.py): at b bits a slot costs
     about `b / 16` (fp16/bf16 models) or `b / 32` (fp32 models) of a full-precision slot, so the cache
     keeps about `16 / b` (`32 / b`) times more tokens than eviction alone at the same memory.
 

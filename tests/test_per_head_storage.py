@@ -120,8 +120,9 @@ def test_switched_off_heads_hold_and_receive_no_storage(model):
 
 def storage_bytes(layer: PrunedLayer) -> int:
     """Bytes of the distinct storages behind every tensor the layer holds, found by walking its slots,
-    its per-head store and its policy states."""
+    its metadata, its per-head store and its policy states."""
     tensors = [t for t in vars(layer.slots).values() if isinstance(t, torch.Tensor)]
+    tensors += [t for t in vars(layer.slots.meta).values() if isinstance(t, torch.Tensor)]
     tensors += [t for t in vars(layer.slots.ragged).values() if isinstance(t, torch.Tensor)]
     for state in layer.states.values():
         tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
@@ -132,6 +133,6 @@ def test_report_counts_the_bytes_allocated_not_only_the_valid_slots(model):
     cache = PrunedCache(AdaKV(H2O(budget=20, window=4)))
     model.generate(random_ids(2, 70, seed=5), cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for row, layer in zip(cache.report().layers, cache.layers):
-        assert layer.slots._ragged_view is None  # the forward's view was released
+        assert layer.slots.storage.forward_view is None  # the forward's view was released
         assert row.bytes == storage_bytes(layer)
         assert row.bytes > kv_bytes_of_valid_slots(layer)

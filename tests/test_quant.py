@@ -1,8 +1,8 @@
 """KIVI-quantized storage in `PrunedCache` (`KVQuant`) and `QuantizedPruning`.
 
-References are independent of kvpress/quant.py: group minima and maxima are recomputed here with plain
-loops/reshapes, packing is checked bit by bit, and byte counts are summed over the tensors the layers
-actually hold.
+References are independent of kvpress/kivi.py and kvpress/quantized.py: group minima and maxima are
+recomputed here with plain loops/reshapes, packing is checked bit by bit, and byte counts are summed
+over the tensors the layers actually hold.
 """
 
 from __future__ import annotations
@@ -15,20 +15,18 @@ from registry_policies import generate
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvpress import KVQuant, PrunedCache
-from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV, StreamingLLM
-from kvpress.policy import Wrapper
-from kvpress.quant import (
-    QuantizedStore,
+from kvpress.kivi import (
     dequantize_keys,
     dequantize_values,
-    kv_bytes,
     pack,
-    parse_memory,
     quantize_key_blocks,
     quantize_values,
-    slots_for_memory,
     unpack,
 )
+from kvpress.memory import kv_bytes, parse_memory, slots_for_memory
+from kvpress.policies import H2O, REGISTRY, QuantizedPruning, SnapKV, StreamingLLM
+from kvpress.policy import Wrapper
+from kvpress.quantized import QuantizedStore
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from registry_policies import make_policy
 from tiny_models import random_ids, tiny_model
 
 from kvpress import KVQuant, PrunedCache, reference_attention
-from kvpress.quant import QuantizedStore
+from kvpress.quantized import QuantizedStore
 from kvpress.reference_attention import quantized_attention
 from kvpress.triton_kernels import HAS_TRITON
 

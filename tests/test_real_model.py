@@ -20,7 +20,7 @@ import pytest
 from retrieval import E2E_CASES, answer_and_nll, policy_configs
 
 from kvpress import PrunedLayer, load_model
-from kvpress.quant import kv_bytes
+from kvpress.memory import kv_bytes
 from kvpress.spec import build_cache, parse_spec
 
 RECORDED = {  # answered out of 3

@@ -1,12 +1,12 @@
 """KIVI quantization kernels: quantize, dequantize, and decode attention reading packed keys/values.
 
-Layouts are those of `kvpress.quant.QuantizedStore` (see docs/quantization.md): codes packed along
+Layouts are those of `kvpress.quantized.QuantizedStore` (see docs/quantization.md): codes packed along
 `head_dim` (`8 / bits` codes per byte, low bits first); values grouped per slot over `group` channels
 (`scale/zero [..., N, D/group]`); keys grouped per channel over the slots of a block
 (`scale/zero [..., NB, D]`, `block [..., N]` the block of each slot).
 
 Every Triton launcher `*_triton` has a PyTorch reference `*_reference` with the same signature, built
-on the primitives of `kvpress.quant` (which the cache uses on CPU). Quantization is bit-exact
+on the primitives of `kvpress.kivi` (which the cache uses on CPU). Quantization is bit-exact
 against the references on a GPU too: the scale `(max - min) / levels` and its reciprocal use
 round-to-nearest division (`div_rn`; a plain `/` compiles to an approximate division), codes are
 rounded half to even as `torch.round` does, and the quantize kernels are compiled without
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpress import quant
+from kvpress import kivi
 from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, on_device_of, tl, triton
 
 # ---- references ----
@@ -26,22 +26,22 @@ from kvpress.triton_kernels._common import HAS_TRITON, next_power_of_2, on_devic
 
 def quantize_values_reference(x: torch.Tensor, bits: int, group: int):
     """`x [M, D]` -> packed `[M, D*bits/8]` uint8, scale and zero `[M, D/group]` (x's dtype)."""
-    return quant.quantize_values(x, bits, group)
+    return kivi.quantize_values(x, bits, group)
 
 
 def quantize_keys_reference(x: torch.Tensor, bits: int):
     """Blocks `x [NB, G, D]` of G consecutive slots -> packed `[NB, G, D*bits/8]`, scale/zero `[NB, D]`."""
-    packed, scale, zero, _ = quant.quantize_key_blocks(x[None], bits, x.shape[1])  # heads = blocks
+    packed, scale, zero, _ = kivi.quantize_key_blocks(x[None], bits, x.shape[1])  # heads = blocks
     return packed[0], scale[0, :, 0], zero[0, :, 0]
 
 
 def dequantize_values_reference(packed, scale, zero, bits: int) -> torch.Tensor:
-    return quant.dequantize_values(packed, scale, zero, bits)
+    return kivi.dequantize_values(packed, scale, zero, bits)
 
 
 def dequantize_keys_reference(packed, scale, zero, block, bits: int) -> torch.Tensor:
     """`packed [M, Dp]`, `scale/zero [NB, D]`, `block [M]` -> `[M, D]`."""
-    return quant.dequantize_keys(packed[None], scale[None], zero[None], block[None].long(), bits)[0]
+    return kivi.dequantize_keys(packed[None], scale[None], zero[None], block[None].long(), bits)[0]
 
 
 def quantized_decode_attention_reference(query, key_codes, key_scale, key_zero, key_block, value_codes,
@@ -55,8 +55,8 @@ def quantized_decode_attention_reference(query, key_codes, key_scale, key_zero, 
     valid slot); with `return_logits`, also the scaled logits `[B, Hq, N + R]` fp32 (-inf where not
     valid) and their log-sum-exp `[B, Hq]` (-inf for a head without a valid slot), from which the
     caller gets the attention mass without a second pass over the keys."""
-    keys = quant.dequantize_keys(key_codes, key_scale, key_zero, key_block.long(), bits)
-    values = quant.dequantize_values(value_codes, value_scale, value_zero, bits)
+    keys = kivi.dequantize_keys(key_codes, key_scale, key_zero, key_block.long(), bits)
+    values = kivi.dequantize_values(value_codes, value_scale, value_zero, bits)
     keys = torch.cat([keys, residual_keys], dim=2).float()
     values = torch.cat([values, residual_values], dim=2).float()
     batch, q_heads, dim = query.shape

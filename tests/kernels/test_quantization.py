@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from kvpress.quant import pack
+from kvpress.kivi import pack
 from kvpress.triton_kernels import quantization as qk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +58,8 @@ def test_dequantize_kernels_match_reference(bits):
 
 
 def _quantized_layer(batch=2, heads=2, slots=24, residual=5, dim=32, bits=4, group=8):
-    from kvpress.quant import KVQuant, QuantizedStore
+    from kvpress.quant_config import KVQuant
+    from kvpress.quantized import QuantizedStore
     keys = torch.randn(batch, heads, slots + residual, dim, device=DEVICE)
     values = torch.randn(batch, heads, slots + residual, dim, device=DEVICE)
     store = QuantizedStore(KVQuant(bits, group, residual), keys, values)
@@ -71,7 +72,7 @@ def _quantized_layer(batch=2, heads=2, slots=24, residual=5, dim=32, bits=4, gro
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantized_decode_attention_matches_reference_and_dequantized_attention(bits):
-    from kvpress.quant import block_of_slot
+    from kvpress.kivi import block_of_slot
     store, _ = _quantized_layer(bits=bits)
     batch, heads, n, dim = 2, 2, store.quantized_slots, 32
     query = torch.randn(batch, 4, dim, device=DEVICE)
