@@ -10,12 +10,12 @@ ordinary cache are unaffected.
 
 from kvpress import hook as _hook
 from kvpress.cache import PrunedCache
+from kvpress.cache_report import CacheReport, LayerReport
 from kvpress.composition import CompositionError
 from kvpress.layer import PrunedLayer
 from kvpress.models import load_model
 from kvpress.policy import EvictionPolicy, Policy, Wrapper
 from kvpress.quant_config import KVQuant
-from kvpress.cache_report import CacheReport, LayerReport
 from kvpress.selection import Selection
 from kvpress.signals import AttentionRequest, Signals
 

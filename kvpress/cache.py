@@ -19,12 +19,12 @@ from transformers.cache_utils import (
 
 from kvpress import hook
 from kvpress.budgets import check_int
+from kvpress.cache_report import CacheReport, LayerReport
 from kvpress.context import CrossLayerState, LayerContext
 from kvpress.eviction import allocate_across_layers
 from kvpress.layer import PrunedLayer
 from kvpress.policy import EvictionPolicy
 from kvpress.quant_config import KVQuant
-from kvpress.cache_report import CacheReport, LayerReport
 
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 

@@ -22,9 +22,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvpress import attention_path, hook, masks
+from kvpress.cache_report import LayerReport
 from kvpress.context import LayerContext
 from kvpress.eviction import after_attention, fit_quantized, make_room
-from kvpress.cache_report import LayerReport
 from kvpress.signals import DECODE, PREFILL
 from kvpress.slots import SlotStore, TokenLayout
 from kvpress.state import Allocation, ScoreState, State

@@ -19,8 +19,8 @@ from kvpress.policies import (
     PyramidKV,
     QuantizedPruning,
     SnapKV,
-    SpAtten,
     Span,
+    SpAtten,
 )
 
 CASES = [

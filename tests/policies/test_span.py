@@ -4,9 +4,9 @@ import pytest
 import torch
 from policy_helpers import prefill, tiny_model, token_ids
 
+from kvpress.composition import CompositionError
 from kvpress.policies import H2O, AdaKV, SnapKV, Span
 from kvpress.policies.span import pool_valid
-from kvpress.composition import CompositionError
 
 
 def naive_pool(scores, valid, kernel, pooling):
