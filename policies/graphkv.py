@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpress.budgets import check_int
-from kvpress.policies._shared import shift_nonnegative
+from kvpress.policies._nonnegative_scores import shift_nonnegative
 from kvpress.policy import Wrapper
 
 

@@ -69,8 +69,8 @@ class KVzip(Policy):
         return ReconstructionScores(torch.zeros(layer.batch, layer.num_heads, 0, device=layer.device))
 
     def prefill(self, model, input_ids, cache, *, tokenizer=None, attention_mask=None, prompt=None):
-        """The declared prefill (`owns_prefill`): `kvzip_prefill`."""
-        return kvzip_prefill(model, input_ids, cache, tokenizer, attention_mask=attention_mask, prompt=prompt)
+        """The declared prefill (`owns_prefill`): the prompt, then its reconstruction (`kvzip_prefill`)."""
+        return reconstruct(self, model, input_ids, cache, tokenizer, attention_mask=attention_mask, prompt=prompt)
 
     def update(self, layer, signals) -> None:
         state = layer.state(self)
@@ -224,11 +224,15 @@ def kvzip_prefill(model, input_ids: torch.Tensor, cache, tokenizer=None, *, atte
     plus the copies. To continue with `generate`, prefill all but the last prompt token, then pass the
     full ids: `kvzip_prefill(model, ids[:, :-1], cache, tok); model.generate(ids, cache=cache, ...)`.
     """
-    policy = next((p for p in getattr(cache, "chain", ()) if isinstance(p, KVzip)), None)
-    if policy is None:
+    if not any(isinstance(member, KVzip) for member in getattr(cache, "chain", ())):
         raise ValueError("kvzip_prefill needs a PrunedCache whose policy chain holds KVzip")
-    if not cache.shared.owner_prefill:  # called directly, not through cache.prefill
-        return cache.prefill(model, input_ids, tokenizer=tokenizer, attention_mask=attention_mask, prompt=prompt)
+    return cache.prefill(model, input_ids, tokenizer=tokenizer, attention_mask=attention_mask, prompt=prompt)
+
+
+@torch.no_grad()
+def reconstruct(policy: KVzip, model, input_ids: torch.Tensor, cache, tokenizer=None, *, attention_mask=None,
+                prompt: ReconstructionPrompt | None = None) -> torch.Tensor:
+    """KVzip's prefill (its `prefill` hook, run by `PrunedCache.prefill`): `kvzip_prefill`'s work."""
     if prompt is None:
         if tokenizer is None:
             raise ValueError("kvzip_prefill needs the tokenizer (or a ReconstructionPrompt) for the repeat request")

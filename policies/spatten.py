@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.budgets import check_number
-from kvpress.policies._shared import linear_layer_counts
+from kvpress.policies._layer_schedule import linear_layer_counts
 from kvpress.policy import AttentionRequest, Policy, Selection
 from kvpress.selection import rank_from_order
 from kvpress.state import State

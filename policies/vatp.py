@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.budgets import check_int
-from kvpress.policies._shared import shift_nonnegative
+from kvpress.policies._nonnegative_scores import shift_nonnegative
 from kvpress.policy import Wrapper
 
 

@@ -7,7 +7,7 @@ import torch
 from policy_helpers import prefill, tiny_model, token_ids
 
 from kvpress.policies import AdaKV, PyramidKV, SnapKV
-from kvpress.policies._shared import linear_layer_counts
+from kvpress.policies._layer_schedule import linear_layer_counts
 
 
 def pyramid_reference(mean, seen, window, layers, beta):

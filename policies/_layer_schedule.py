@@ -1,16 +1,8 @@
-"""Helpers shared by the score wrappers and budget schedules (not a policy)."""
+"""PyramidKV's linearly decreasing per-layer counts, shared with SpAtten's token schedule."""
 
 from __future__ import annotations
 
 import torch
-
-
-def shift_nonnegative(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Shift each (row, head) of `scores [B, H, P]` up by its most negative score over `mask`, so
-    scores that are used multiplicatively (value norms, decay, normalisation) keep their order.
-    Heads whose masked scores are already >= 0 are returned unchanged."""
-    lowest = torch.where(mask, scores, torch.zeros_like(scores)).amin(dim=-1, keepdim=True)  # [B, H, 1]
-    return scores - lowest.clamp(max=0.0)
 
 
 def linear_layer_counts(mean: torch.Tensor, room: torch.Tensor, index: int, count: int,
