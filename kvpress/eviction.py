@@ -34,6 +34,7 @@ from kvpress.budgets import host_slots_for_budget
 from kvpress.ragged import HeadRoom
 from kvpress.selection import Selection, keep_mask, select, top_k_selection, valid_first_order
 from kvpress.signals import DECODE, PREFILL
+from kvpress.sizing import grown_capacity, head_room, held_bound, room_after, stores_per_head
 from kvpress.state import Allocation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,32 +73,6 @@ def after_attention(layer, phase: str) -> None:
         layer.tokens_since_eviction = 0
 
 
-def room_after(layer, width: int) -> int:
-    """Capacity for `width` kept slots, the cache's slack, and about 1/16 of the width for the holes and
-    new tokens of the decoding steps until the next squeeze: persistent storage stays within ~1.07x of
-    the slots kept (plus the slack the user asked for), and a squeeze (one gather) comes every
-    `width / 16` steps."""
-    policy = layer.context.policy
-    if policy is not None and policy.exact_storage:
-        return width
-    return width + layer.context.slack + max(1, -(-width // 16))
-
-
-def head_room(layer) -> int:
-    """Rows per live KV head of per-head storage for the tokens of the next decoding steps: the slack and
-    about 1/16 of the uniform budget (`room_after`'s rule, per head)."""
-    if layer.context.policy.exact_storage:
-        return 0
-    uniform = host_slots_for_budget(layer.budget, layer.seen)
-    return layer.context.slack + max(1, -(-uniform // 16))
-
-
-def stores_per_head(layer) -> bool:
-    """Whether `layer` stores its keys and values per head (the policy's choice; never quantized ones)."""
-    policy = layer.context.policy
-    return policy is not None and layer.slots.quantized is None and policy.per_head_storage(layer)
-
-
 def make_room(layer, q: int) -> None:
     """Before `q` new tokens are written: when the storage is full, squeeze the holes out (one gather,
     sized by host-side bounds, no sync), then grow it geometrically if that is not enough. Per-head
@@ -123,18 +98,7 @@ def make_room(layer, q: int) -> None:
     need = slots.used + q
     if need > slots.capacity:
         exact = q > 1 or (policy is not None and policy.exact_storage)
-        grow = need if exact else max(need, slots.capacity + slots.capacity // 2)
-        slots.reserve(grow)
-
-
-def held_bound(layer) -> int:
-    """A host-side bound of the valid slots any (row, head) holds: the policy's bound at the last
-    eviction plus the tokens written since (and the sliding window's, for a sliding layer)."""
-    policy = layer.context.policy
-    bound = layer.num_slots if policy is None else policy.slot_bound(layer) + layer.tokens_since_eviction
-    if layer.sliding_window is not None:
-        bound = min(bound, layer.sliding_window - 1)
-    return bound
+        slots.reserve(grown_capacity(need, exact))
 
 
 def fit_quantized(layer) -> None:

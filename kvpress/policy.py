@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from kvpress import composition, registry
-from kvpress.budgets import check_budget, host_slots_for_budget, slots_for_budget
+from kvpress.budgets import check_budget, slots_for_budget
 from kvpress.selection import Selection
 from kvpress.signals import DECODE, PREFILL, AttentionRequest, Signals
+from kvpress.sizing import uniform_slot_bound
 from kvpress.state import ScoreState, State
 
 # what a policy module imports from here, besides the base classes
@@ -136,10 +137,7 @@ class EvictionPolicy:
         """A host-side upper bound of the slots any (row, head) of `layer` keeps, from host counts only
         (sizes storage without a device-to-host sync). Policies that give some layer or head more than
         the uniform budget (PyramidKV, AdaKV, SpAtten) raise it."""
-        uniform = host_slots_for_budget(layer.budget, layer.seen)
-        if layer.allocation is None:
-            return uniform
-        return min(layer.seen, layer.allocation.most + max(0, uniform - layer.allocation.uniform_most))
+        return uniform_slot_bound(layer)
 
     def protected_bound(self, layer: LayerView) -> int:
         """A host-side upper bound of the protected slots of one (row, head) of `layer`."""
