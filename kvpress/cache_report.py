@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class LayerReport:
     """One layer: `seen` tokens given (logical length, padding included), `kept` slots held per KV head,
-    `bytes` allocated for keys, values and slot metadata, `evictions` compactions run, `pruned` whether
+    `capacity` slots allocated per KV head (kept slots, holes and the free headroom of in-place writes:
+    at most 1/20 of the slots in use plus the cache's slack, kvpress/sizing.py; per-head storage counts
+    its widest head), `bytes` allocated for keys, values and slot metadata, `evictions` compactions run,
+    `pruned` whether
     the policy manages this layer (sliding-window layers are left to transformers), `block_size` the
     slots per block of a block-wise policy (PagedEviction; None otherwise), so `blocks` is the number
     of pages a paged engine would hold for it."""
@@ -20,6 +23,7 @@ class LayerReport:
     evictions: int
     pruned: bool = True
     block_size: int | None = None
+    capacity: int | None = None
 
     @property
     def blocks(self) -> int | None:
@@ -50,14 +54,16 @@ class CacheReport:
 
     def __str__(self) -> str:
         paged = any(row.block_size is not None for row in self.layers)
-        lines = [f"{'layer':>5} {'seen':>8} {'kept':>8} {'bytes':>12} {'evictions':>9}"
+        lines = [f"{'layer':>5} {'seen':>8} {'kept':>8} {'capacity':>8} {'bytes':>12} {'evictions':>9}"
                  + (f" {'blocks':>6} {'block':>5}" if paged else "")]
         for row in self.layers:
             tag = "" if row.pruned else "  (not pruned)"
             blocks = ""
             if paged:
                 blocks = f" {row.blocks:>6} {row.block_size:>5}" if row.block_size is not None else f" {'-':>6} {'-':>5}"
-            lines.append(f"{row.layer:>5} {row.seen:>8} {row.kept:>8} {row.bytes:>12,} {row.evictions:>9}{blocks}{tag}")
+            capacity = "-" if row.capacity is None else row.capacity
+            lines.append(f"{row.layer:>5} {row.seen:>8} {row.kept:>8} {capacity:>8} {row.bytes:>12,} "
+                         f"{row.evictions:>9}{blocks}{tag}")
         if self.shared_bytes:
             lines.append(f"policy state across layers {self.shared_bytes:,} bytes")
         lines.append(f"total bytes {self.total_bytes:,}; kept/seen {self.ratio:.3f}")

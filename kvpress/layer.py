@@ -179,6 +179,13 @@ class PrunedLayer(DynamicLayer):
         if q > 1 and layout is None:
             new_valid = masks.new_token_validity(attention_mask, batch, q)  # [B, q] or None
         if new_valid is not None:
+            if self.context.pruned_index == 0:  # the same mask reaches every layer: checked once (a sync)
+                rows = masks.padded_on_the_right(new_valid, self.slots.real_seen_before)
+                if bool(rows.any()):
+                    raise ValueError(
+                        f"PrunedCache: batch rows {rows.nonzero().flatten().tolist()} are padded on the right "
+                        "(they end in padding after real tokens); positions and eviction windows count from the end of each "
+                        "row, so pad on the left: tokenizer.padding_side = 'left'.")
             self.slots.mark_new_tokens(new_valid)
         policy = self.context.policy
         request = policy.request(phase) if policy is not None else None
@@ -220,8 +227,9 @@ class PrunedLayer(DynamicLayer):
     def report(self) -> LayerReport:
         """Tokens seen, slots kept (the most any KV head holds), bytes allocated (storage capacity and
         policy state included), evictions."""
-        held = kept = 0
+        held = kept = capacity = 0
         if self.is_initialized:
             held = self.slots.nbytes + sum(state.nbytes for state in self.states.values())
             kept = self.kept_slots
-        return LayerReport(self.layer_idx, self.seen, kept, held, self.evictions)
+            capacity = self.slots.capacity
+        return LayerReport(self.layer_idx, self.seen, kept, held, self.evictions, capacity=capacity)

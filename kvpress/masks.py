@@ -22,6 +22,15 @@ def new_token_validity(mask: torch.Tensor | None, batch: int, q: int) -> torch.T
     return seen_by_some_row.any(dim=1).expand(batch, q)  # [B, q]
 
 
+def padded_on_the_right(new_valid: torch.Tensor, real_seen: torch.Tensor) -> torch.Tensor:
+    """`[B]` bool: rows that end in padding after real tokens (among the new tokens `new_valid [B, q]`,
+    or the `real_seen [B]` the layer held before): a right-padded batch. Observation windows and recent
+    tokens count from the end of a row, so such a row would not equal itself alone. Padding before a
+    row's tokens (left padding, a chunk that is all padding so far) or a masked token inside a row
+    (which the same row alone has too) is not."""
+    return ~new_valid[:, -1] & (new_valid.any(dim=-1) | (real_seen > 0))
+
+
 def visible(mask: torch.Tensor) -> torch.Tensor:
     """A 4-D mask as bool (True = may attend), whether it is bool or additive float."""
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2

@@ -115,6 +115,11 @@ class SlotStore:
             self.meta.positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         return attended
 
+    @property
+    def real_seen_before(self) -> torch.Tensor:
+        """`[B]` real tokens each row held before the forward in progress."""
+        return self._real_before
+
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         """Validity and real-token positions of the newest `q` slots from `new_valid [B, q]` (False for
         padding, read from the model's mask). A host sync: called at prefill only."""
