@@ -223,6 +223,12 @@ class PrunedCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_croppable(self) -> bool:
+        """Never, layers or not: evicted tokens cannot be restored, so callers that roll the cache back
+        (assisted and speculative decoding) are refused up front."""
+        return False
+
     def report(self) -> CacheReport:
         """Per-layer tokens seen, slots kept, bytes held and evictions; the bytes of policy state kept across
         layers (LazyLLM's auxiliary cache, SpAtten's cascade); totals and kept/seen ratio. A policy

@@ -75,12 +75,19 @@ def test_beam_search_with_eviction_runs_and_holds_the_budget():
     assert all(layer.keys.shape[:2] == (6, 2) and layer.kept_slots == 12 for layer in cache.layers)
 
 
-def test_assisted_decoding_is_refused():
+@pytest.mark.parametrize("croppable", [False, True])
+def test_assisted_decoding_is_refused(croppable, monkeypatch):
+    """The cache declares itself not croppable, so transformers refuses assisted decoding up front; were
+    that declaration bypassed, the library's own `crop` refuses when the draft is rolled back."""
     model = tiny_model("llama", "sdpa")
-    with pytest.raises(Exception, match="crop"):
-        model.generate(random_ids(1, 10), cache=PrunedCache(H2O(budget=8, window=2)),
-                       assistant_model=tiny_model("llama", "sdpa", seed=1), max_new_tokens=4, do_sample=False,
-                       pad_token_id=0)
+    cache = PrunedCache(H2O(budget=8, window=2))
+    assert cache.is_croppable is False
+    if croppable:
+        monkeypatch.setattr(type(cache), "is_croppable", property(lambda self: True))
+    message = r"crop\(-?\d+\): a PrunedCache cannot be cropped" if croppable else "requires a cache that can be cropped"
+    with pytest.raises(ValueError, match=message):
+        model.generate(random_ids(1, 10), cache=cache, assistant_model=tiny_model("llama", "sdpa", seed=1),
+                       max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
 def test_crop_is_refused_except_zero():
