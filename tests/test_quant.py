@@ -298,7 +298,8 @@ def test_eight_bits_match_unquantized_eviction_on_tiny_model():
     plain = model.generate(ids, max_new_tokens=20, do_sample=False, cache=PrunedCache(SnapKV(budget=40, window=8)))
     quant = model.generate(ids, max_new_tokens=20, do_sample=False,
                            cache=PrunedCache(SnapKV(budget=40, window=8), quantization=KVQuant(8, 16, 16)))
-    assert (plain == quant).float().mean() > 0.9
+    # the 20 new tokens, not the 64 copied prompt tokens: 8-bit storage changes none of them here
+    assert torch.equal(plain[:, 64:], quant[:, 64:]), (plain[:, 64:] == quant[:, 64:]).float().mean()
 
 
 # ---- QuantizedPruning ----
