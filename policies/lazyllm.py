@@ -16,6 +16,9 @@ from kvpress.selection import rank_from_order, valid_first_order
 from kvpress.slots import TokenLayout
 from kvpress.state import State
 
+# a schedule layer that stops and revives nothing leaves the forward to the model; tests turn this off to
+# run the working-set path (TokenLayout, attention by position) on a schedule that prunes nothing
+SKIP_UNCHANGED_WORK = True
 ABSENT = -1  # an auxiliary entry that holds no token
 IN_FLIGHT = -2  # an auxiliary entry whose token is being computed upward in this forward
 
@@ -259,7 +262,7 @@ class LazyLLM(EvictionPolicy):
         stopped = work.valid & ~member_kept
         waiting = state.aux_layer == index
         revived = waiting & chosen_positions.gather(1, state.aux_position.clamp(min=0))
-        if state.work is None and not bool(stopped.any()) and not bool(revived.any()):
+        if SKIP_UNCHANGED_WORK and state.work is None and not bool(stopped.any()) and not bool(revived.any()):
             return  # nothing changes: the forward goes on as the model runs it
         self._stop(state, work, stopped, index)
         revived = torch.cat([revived, revived.new_zeros(batch, state.aux_layer.shape[1] - revived.shape[1])], dim=1)

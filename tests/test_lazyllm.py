@@ -29,16 +29,30 @@ def positions_held(cache, layer, row=0):
     return slots.positions[row, 0][slots.valid[row, 0]].tolist()
 
 
+@pytest.fixture(params=["model's forward", "working set"])
+def unchanged_work(request, monkeypatch):
+    """Both paths of a schedule layer that prunes nothing: the shortcut that leaves the forward to the
+    model, and the working-set path (the tokens laid out and attended by position) it skips."""
+    from kvpress.policies import lazyllm
+
+    monkeypatch.setattr(lazyllm, "SKIP_UNCHANGED_WORK", request.param == "model's forward")
+    laid_out = []  # schedule layers past the shortcut: the working set is laid out for the layers above
+    original = lazyllm.LazyLLM._stop
+    monkeypatch.setattr(lazyllm.LazyLLM, "_stop", staticmethod(lambda *a: laid_out.append(1) or original(*a)))
+    yield request.param
+    assert bool(laid_out) == (request.param == "working set"), f"{len(laid_out)} working sets laid out"
+
+
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
                                          ("qwen2", "eager"), ("qwen3", "sdpa"), ("phi3", "sdpa")])
-def test_schedule_that_prunes_nothing_matches_dynamic_cache(family, attn):
+def test_schedule_that_prunes_nothing_matches_dynamic_cache(family, attn, unchanged_work):
     model = tiny_model(family, attn, num_hidden_layers=LAYERS)
     ids = random_ids(1, 40)
     expected = greedy(model, ids, DynamicCache())
     assert torch.equal(greedy(model, ids, PrunedCache(LazyLLM(schedule=((1, 1.0), (0.5, 1.0))))), expected)
 
 
-def test_schedule_that_prunes_nothing_matches_dynamic_cache_on_a_padded_batch():
+def test_schedule_that_prunes_nothing_matches_dynamic_cache_on_a_padded_batch(unchanged_work):
     model = tiny_model("llama", "eager", num_hidden_layers=LAYERS)
     ids, mask = left_pad([random_ids(1, 30, seed=1)[0], random_ids(1, 21, seed=2)[0]])
     expected = greedy(model, ids, DynamicCache(), mask=mask)
