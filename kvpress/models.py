@@ -77,10 +77,18 @@ def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32,
             path.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(path)
         name = str(path)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
+    elif name.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(f"model: no such folder {name!r}; give 'smollm2' (the embedded model), a local "
+                                "folder saved by save_pretrained (with config.json), or a hub id such as "
+                                "'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(name), dtype=dtype, attn_implementation=attn_implementation
+        ).to(device)
+    except OSError as err:  # a missing folder, an unknown hub id, or the hub out of reach
+        raise FileNotFoundError(f"model: cannot load {name!r} ({err}); give 'smollm2' (the embedded model), a "
+                                "local folder with config.json, or a hub id reachable from here") from None
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

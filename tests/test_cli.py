@@ -120,3 +120,11 @@ def test_longbench_never_imports_the_command():
             else:
                 continue
             assert not [n for n in names if n == "kvpress.cli" or n.startswith("kvpress.cli.")], path.name
+
+
+def test_a_model_path_that_does_not_exist_is_a_clear_error(capsys, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    assert cli.main(["longbench", "--model", missing, "--limit", "1", "--tasks", "passage_count", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"model: no such folder {missing!r}" in err and "smollm2" in err and "Traceback" not in err
