@@ -7,6 +7,7 @@ cached under the user's cache directory so later loads take about a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -65,10 +66,36 @@ def _convert_gguf(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _quiet(progress: bool):
+    """Without `progress`: no progress bars while loading, transformers' own ("Loading weights") and the
+    GGUF reader's, which writes plain tqdm bars to stderr (only bars are written there meanwhile;
+    errors still raise)."""
+    if progress:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "sdpa", device: str | torch.device = "cpu"):
+               attn_implementation: str = "sdpa", device: str | torch.device = "cpu", progress: bool = True):
     """Load `(model, tokenizer)`. `name` is "smollm2" for the embedded model, or any local path or hub
-    id that `AutoModelForCausalLM.from_pretrained` accepts."""
+    id that `AutoModelForCausalLM.from_pretrained` accepts. `progress=False` hides the loading and
+    GGUF-conversion progress bars."""
+    with _quiet(progress):
+        return _load(name, dtype, attn_implementation, device)
+
+
+def _load(name: str, dtype: torch.dtype, attn_implementation: str, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name.lower() in EMBEDDED_NAMES:

@@ -81,7 +81,8 @@ def prepare(args) -> Prepared:
         device = choose_device(args.device, shard.local_rank)
         dtype = choose_dtype(args.dtype, device)
         model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype),
-                                      attn_implementation=args.attn_implementation, device=device)
+                                      attn_implementation=args.attn_implementation, device=device,
+                                      progress=not args.no_progress)
     except BaseException:
         shard.close()
         raise

@@ -128,3 +128,34 @@ def test_a_model_path_that_does_not_exist_is_a_clear_error(capsys, tmp_path):
                      "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"model: no such folder {missing!r}" in err and "smollm2" in err and "Traceback" not in err
+
+
+def test_no_progress_hides_the_loading_bars(tmp_path, capfd, monkeypatch):
+    """`load_model(progress=False)` (what `--no-progress` passes): no "Loading weights" bar from
+    transformers and no plain tqdm bar (what the GGUF reader writes while converting), while errors
+    still surface."""
+    import types
+
+    import pytest
+    import tqdm
+    import transformers
+    from tiny_models import tiny_model
+
+    from kvpress import models
+
+    tiny_model("llama", "sdpa").save_pretrained(tmp_path / "tiny")
+
+    def tokenizer(*args, **kwargs):  # stands for a conversion: a plain tqdm bar on stderr
+        for _ in tqdm.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors"):
+            pass
+        return types.SimpleNamespace(pad_token="<pad>")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    for progress in (True, False):
+        models.load_model(str(tmp_path / "tiny"), progress=progress)
+        err = capfd.readouterr().err
+        assert ("Converting and de-quantizing" in err) == progress, err
+        assert ("Loading weights" in err) == progress, err
+    assert transformers.utils.logging.is_progress_bar_enabled()
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        models.load_model(str(tmp_path / "missing"), progress=False)
