@@ -26,6 +26,7 @@ whatever its score, so they hold at most `window - 1` tokens between forwards, a
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -173,7 +174,16 @@ def within_window(layer) -> Selection | None:
 
 
 def allocate_across_layers(policy: EvictionPolicy, layers: list) -> None:
-    """The cross-layer stage: `policy` chooses the counts of every pruned layer, every layer compacts."""
+    """The cross-layer stage: `policy` chooses the counts of every pruned layer, every layer compacts.
+    It may run outside a forward (`PrunedCache.end_prefill`), so the layers are opened for reading:
+    scores that read keys or values (VATP, CAOTE) then see dequantized slots in quantized storage."""
+    with contextlib.ExitStack() as opened:
+        for layer in layers:
+            opened.enter_context(layer.slots.readable())
+        _allocate(policy, layers)
+
+
+def _allocate(policy: EvictionPolicy, layers: list) -> None:
     counts = policy.allocate(layers)
     if len(counts) != len(layers):
         raise ValueError(f"{type(policy).__name__}.allocate returned {len(counts)} counts for {len(layers)} layers")

@@ -30,6 +30,7 @@ during a forward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -247,6 +248,17 @@ class QuantizedStorage(KVStorage):
             self.dequantized = (torch.cat([keys, store.residual_keys], dim=-2),
                                 torch.cat([values, store.residual_values], dim=-2))
         return self.dequantized
+
+    @contextlib.contextmanager
+    def readable(self):
+        """Dequantize on read outside a forward too (placeholders again afterwards)."""
+        opened = not self.in_forward
+        self.in_forward = True
+        try:
+            yield
+        finally:
+            if opened:
+                self.in_forward, self.dequantized = False, None
 
     def read_keys(self, used: int) -> torch.Tensor:
         return self._read()[0]

@@ -115,6 +115,11 @@ class SlotStore:
             self.meta.positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         return attended
 
+    def readable(self):
+        """A context in which a policy may read `keys` and `values` outside a forward (quantized
+        storage dequantizes on read, as during a forward)."""
+        return self.storage.readable()
+
     @property
     def real_seen_before(self) -> torch.Tensor:
         """`[B]` real tokens each row held before the forward in progress."""

@@ -17,6 +17,7 @@ the model's mask still describes them) is `SlotStore`'s.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import torch
@@ -105,6 +106,12 @@ class KVStorage(ABC):
 
     @abstractmethod
     def read_values(self, used: int) -> torch.Tensor: ...
+
+    @contextlib.contextmanager
+    def readable(self):
+        """Keys and values readable by a policy outside a forward (a cross-layer allocation run at the
+        end of the prompt). Full-precision storage always is."""
+        yield
 
     @abstractmethod
     def write(self, meta: SlotMetadata, start: int, keys: torch.Tensor,

@@ -47,6 +47,10 @@ class KVzip(Policy):
 
     spec_name = "kvzip"
     owns_prefill = True
+    # its global allocation sets every layer's and head's count: AdaKV or PyramidKV around it broke the
+    # budget (found by tests/test_fuzz_contract.py: 42 slots per row where 36 were allowed)
+    sets_layer_counts = True
+    sets_head_counts = True
 
     budget: int | float = 0.25
     sinks: int = 4

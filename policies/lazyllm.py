@@ -202,6 +202,11 @@ class LazyLLM(EvictionPolicy):
         if valid is None:
             valid = torch.ones(batch, tokens, dtype=torch.bool, device=hidden.device)
         if not bool(valid[:, -1].all()):
+            if bool((~valid.any(dim=-1) & (state.real_seen == 0)).any()):
+                raise NotImplementedError(
+                    "LazyLLM: a row of this forward is all padding (a chunked prefill of a left-padded batch); "
+                    "the newest token of every row selects what later layers compute, so prefill the prompt in "
+                    "one forward (no prefill_chunk_size)")
             raise ValueError("LazyLLM: the last token of every row must be real (pad on the left)")
         positions = torch.where(valid, state.real_seen[:, None] + valid.long().cumsum(-1) - 1, -1)
         rope = kwargs.get("position_ids")

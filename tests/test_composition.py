@@ -33,13 +33,14 @@ PAIRS = list(itertools.product(WRAPPERS, sorted(REGISTRY)))
 # (wrapper, inner) -> a word of the order that works: "put" (swap them), "use" (the inner alone),
 # "wrap" (an attention-scoring inner). Every pair not listed runs.
 REFUSED = {
-    ("adakv", "adakv"): "use", ("adakv", "kvcompose"): "use", ("adakv", "lazyllm"): "use",
+    ("adakv", "adakv"): "use", ("adakv", "kvcompose"): "use", ("adakv", "kvzip"): "use", ("adakv", "lazyllm"): "use",
     ("adakv", "pagedeviction"): "use", ("adakv", "spatten"): "use",
     ("caote", "adakv"): "put", ("caote", "expectedattention"): "wrap", ("caote", "knorm"): "wrap",
     ("caote", "kvzip"): "wrap", ("caote", "lazyllm"): "use", ("caote", "pagedeviction"): "wrap",
     ("caote", "random"): "wrap", ("caote", "streamingllm"): "wrap",
     ("graphkv", "adakv"): "put", ("graphkv", "lazyllm"): "use", ("graphkv", "pagedeviction"): "use",
-    ("pyramidkv", "adakv"): "put", ("pyramidkv", "kvcompose"): "use", ("pyramidkv", "lazyllm"): "use",
+    ("pyramidkv", "adakv"): "put", ("pyramidkv", "kvcompose"): "use", ("pyramidkv", "kvzip"): "use",
+    ("pyramidkv", "lazyllm"): "use",
     ("pyramidkv", "pagedeviction"): "use", ("pyramidkv", "pyramidkv"): "use", ("pyramidkv", "spatten"): "use",
     ("quantizedpruning", "lazyllm"): "use", ("quantizedpruning", "quantizedpruning"): "use",
     ("span", "adakv"): "put", ("span", "kvcompose"): "use", ("span", "kvzip"): "use", ("span", "lazyllm"): "use",

@@ -418,3 +418,22 @@ def test_smollm2_quantized_pruning_holds_its_memory_budget(smollm2):
     assert slots == slots_for_memory(memory // (30 * 3), 64, 4, KVQuant(4, 32, 0))
     assert slots > 2.5 * ids.shape[1] // 8
     assert all(layer.kept_slots == slots for layer in cache.layers)
+
+
+def test_a_cross_layer_allocation_reads_dequantized_values_of_quantized_storage():
+    """CAOTE and VATP read the values; KVCompose's allocation runs at the end of the prompt, outside a
+    forward, where quantized layers hold shape-only placeholders. Found by tests/test_fuzz_contract.py
+    ('Tensor on device meta'); the allocation opens the layers for reading."""
+    from kvpress.policies import CAOTE, VATP, KVCompose
+
+    model = _tiny()
+    ids = torch.randint(0, 100, (1, 48), generator=torch.Generator().manual_seed(9))
+    for policy in (CAOTE(KVCompose(budget=12, window=2)), VATP(KVCompose(budget=12, window=2))):
+        cache = PrunedCache(policy, quantization=KVQuant(4, 8, 4))
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+        assert cache.prefill_pending
+        cache.end_prefill()  # outside any forward
+        assert not cache.prefill_pending
+        assert all(layer.kept_slots <= 12 * 2 for layer in cache.layers)
+        assert all(layer.values.device.type == "meta" for layer in cache.layers)  # placeholders again
