@@ -199,7 +199,8 @@ def test_non_main_rank_takes_the_data_source_of_rank_0(tiny_model_dir, tmp_path,
     monkeypatch.setattr(distributed.Shard, "from_env", classmethod(lambda cls: Worker(rank=1, world=2)))
     monkeypatch.setattr(data, "resolve_source", lambda *a: pytest.fail("a worker resolved the data source"))
     args = argparse.Namespace(data="auto", data_dir=None, tasks="passage_count", max_length=500, limit=None,
-                              model=str(tiny_model_dir), device="cpu", dtype="auto", attn_implementation="sdpa")
+                              model=str(tiny_model_dir), device="cpu", dtype="auto", attn_implementation="sdpa",
+                              no_progress=True)
     prep = prepare(args)
     assert prep.source == DataSource("dir", str(tmp_path)) and len(prep.records["passage_count"]) == 1
 
