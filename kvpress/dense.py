@@ -77,7 +77,7 @@ class DenseStorage(KVStorage):
         return kept_scores
 
     def end_forward(self, meta: SlotMetadata, used: int) -> None:
-        pass
+        """Nothing to flush: full-precision slots are stored as written."""
 
     def map_tensors(self, fn) -> None:
         self.keys, self.values = fn(self.keys), fn(self.values)
