@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from kvpress.policies.snapkv import pool_slots
 from kvpress.policy import Wrapper
 
 
@@ -39,22 +39,4 @@ class Span(Wrapper):
             raise ValueError(f"Span: pooling must be 'max' or 'avg', got {self.pooling!r}")
 
     def score(self, layer) -> torch.Tensor:
-        return pool_valid(self.inner.score(layer).float(), layer.valid, self.kernel, self.pooling)
-
-
-def pool_valid(scores: torch.Tensor, valid: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
-    """1-D pooling of `scores [B, H, P]` along the slots over valid slots only; invalid slots keep
-    their own score (selection ignores them)."""
-    if kernel == 1:
-        return scores
-    shape, pad = scores.shape, kernel // 2
-    if pooling == "max":
-        hidden = scores.masked_fill(~valid, float("-inf")).reshape(-1, 1, shape[-1])
-        pooled = F.max_pool1d(hidden, kernel, stride=1, padding=pad).reshape(shape)
-    else:
-        weights = valid.float().reshape(-1, 1, shape[-1])
-        total = F.avg_pool1d((scores.masked_fill(~valid, 0.0)).reshape(-1, 1, shape[-1]), kernel, 1, pad,
-                             count_include_pad=True)
-        count = F.avg_pool1d(weights, kernel, 1, pad, count_include_pad=True)
-        pooled = (total / count.clamp(min=1e-12)).reshape(shape)
-    return torch.where(valid, pooled, scores)
+        return pool_slots(self.inner.score(layer).float(), self.kernel, self.pooling, layer.valid)

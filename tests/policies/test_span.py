@@ -4,38 +4,45 @@ import pytest
 import torch
 from policy_helpers import prefill, tiny_model, token_ids
 
+from kvpress import PrunedCache
 from kvpress.composition import CompositionError
 from kvpress.policies import H2O, AdaKV, SnapKV, Span
-from kvpress.policies.span import pool_valid
+from kvpress.policies.snapkv import pool_slots
 
 
 def naive_pool(scores, valid, kernel, pooling):
-    out = scores.clone()
+    """Each kept slot pooled with its `kernel // 2` nearest kept slots on either side, in slot order:
+    holes (padding, slots dropped in place while decoding) are skipped, not counted in the window."""
+    out = torch.full_like(scores, float("nan"))
     half = kernel // 2
     for b in range(scores.shape[0]):
         for h in range(scores.shape[1]):
-            for s in range(scores.shape[2]):
-                if not valid[b, h, s]:
-                    continue
-                window = [scores[b, h, j] for j in range(max(0, s - half), min(scores.shape[2], s + half + 1))
-                          if valid[b, h, j]]
+            kept = [j for j in range(scores.shape[2]) if valid[b, h, j]]
+            for rank, s in enumerate(kept):
+                window = [scores[b, h, j] for j in kept[max(0, rank - half):rank + half + 1]]
                 out[b, h, s] = max(window) if pooling == "max" else sum(window) / len(window)
     return out
 
 
+def span_pool(scores, valid, kernel, pooling):
+    return pool_slots(scores, kernel, pooling, valid)
+
+
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 @pytest.mark.parametrize("kernel", [1, 3, 7])
-def test_pooling_equals_a_loop_over_each_window_of_valid_slots(pooling, kernel):
+def test_pooling_equals_a_loop_over_each_window_of_the_nearest_kept_slots(pooling, kernel):
     generator = torch.Generator().manual_seed(kernel)
     scores = torch.randn(2, 3, 17, generator=generator)
     valid = torch.rand(2, 3, 17, generator=generator) > 0.3
-    torch.testing.assert_close(pool_valid(scores, valid, kernel, pooling), naive_pool(scores, valid, kernel, pooling))
+    torch.testing.assert_close(span_pool(scores, valid, kernel, pooling)[valid],
+                               naive_pool(scores, valid, kernel, pooling)[valid])
 
 
-def test_an_invalid_slot_never_lends_its_score():
+def test_a_hole_never_lends_its_score_nor_narrows_the_window():
     scores = torch.tensor([[[0.0, 100.0, 1.0, 2.0]]])
     valid = torch.tensor([[[True, False, True, True]]])
-    assert pool_valid(scores, valid, 3, "max").tolist() == [[[0.0, 100.0, 2.0, 2.0]]]
+    # slot 0's nearest kept neighbour is slot 2 (the hole at slot 1 is skipped)
+    assert span_pool(scores, valid, 3, "max")[valid].tolist() == [1.0, 2.0, 2.0]
 
 
 @torch.no_grad()
@@ -51,6 +58,28 @@ def test_span_around_h2o_keeps_the_top_slots_of_the_pooled_h2o_score():
             # max pooling copies a score to its neighbours: ties go to the later slot, as policies.md asks
             best = sorted(range(38), key=lambda s: (float(pooled[head, s]), s), reverse=True)[:10]
             assert kept == sorted(best + [38, 39])
+
+
+@torch.no_grad()
+def test_while_decoding_holes_are_skipped_not_counted(monkeypatch):
+    """In-place decoding eviction leaves holes; Span's window then reaches the nearest kept slots, as its
+    docstring and docs/decisions.md say (it used to count the holes)."""
+    model = tiny_model()
+    seen = []
+    original = Span.score
+
+    def spy(self, layer):
+        pooled = original(self, layer)
+        seen.append((self.inner.score(layer).float().clone(), layer.valid.clone(), pooled.clone()))
+        return pooled
+
+    monkeypatch.setattr(Span, "score", spy)
+    cache = PrunedCache(Span(H2O(budget=12, window=2), kernel=5), slack=4)
+    model.generate(token_ids(30, seed=5), cache=cache, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with_holes = [(scores, valid, pooled) for scores, valid, pooled in seen if not bool(valid.all())]
+    assert with_holes, "no scoring saw a hole"
+    for scores, valid, pooled in with_holes:
+        torch.testing.assert_close(pooled[valid], naive_pool(scores, valid, 5, "max")[valid])
 
 
 def test_bad_kernel_and_adakv_inside_are_refused():
