@@ -28,7 +28,8 @@ class ExpectedAttention(Policy):
     softmax over the head's slots gives the expected attention `a_j`, averaged over the query heads of
     each KV group, and the score is `(a_j + epsilon) * ||v_j||_2` (the slot's expected contribution to
     the attention output). `t` is the number of real tokens seen, so the statistics and the rotation
-    follow the generation.
+    follow the generation. The first `sinks` positions are left out of the softmax, as the reference
+    removes them before scoring (they are always kept).
 
     Defaults follow NVIDIA kvpress's ExpectedAttentionPress (the authors' code): `future = 512`,
     covariance and value norm on, `epsilon = 0`, 4 sinks (kept, and left out of the statistics).
@@ -91,7 +92,10 @@ class ExpectedAttention(Policy):
             cov = rotation[:, None] @ cov @ rotation[:, None].transpose(-1, -2)
             spread = torch.einsum("bhpd,bhgde,bhpe->bhgp", keys, cov.view(batch, kv_heads, group, dim, dim), keys)
             logits = logits + 0.5 * scale * scale * spread
-        logits = logits.masked_fill(~layer.valid[:, :, None], float("-inf"))
+        # the sinks leave the softmax, as in the reference (they are kept anyway, as protected slots):
+        # with them inside, the mass they draw rescales each query head of a group differently
+        counted = layer.valid & (layer.positions >= self.sinks)  # [B, Hkv, P]
+        logits = logits.masked_fill(~counted[:, :, None], float("-inf"))
         expected = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=2)  # [B, Hkv, P]
         if self.value_norm:
             expected = (expected + self.epsilon) * layer.values.float().norm(dim=-1)
