@@ -20,11 +20,12 @@ from transformers.cache_utils import (
 from kvpress import hook
 from kvpress.budgets import check_int
 from kvpress.cache_report import CacheReport, LayerReport
-from kvpress.context import CrossLayerState, LayerContext
+from kvpress.context import CrossLayerState, LayerContext, depth_in
 from kvpress.eviction import allocate_across_layers
 from kvpress.layer import PrunedLayer
 from kvpress.policy import EvictionPolicy
 from kvpress.quant_config import KVQuant
+from kvpress.selection import follows_the_budget
 
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -80,7 +81,8 @@ class PrunedCache(Cache):
     def _context(self, pruned_index: int = 0, pruned_count: int = 1) -> LayerContext:
         return LayerContext(policy=self.policy, chain=tuple(self.chain), slack=self.slack,
                             quantization=self.quantization, pruned_index=pruned_index,
-                            pruned_count=pruned_count, shared=self.shared)
+                            pruned_count=pruned_count, shared=self.shared,
+                            follows_budget=self.policy is None or follows_the_budget(self.policy))
 
     def _build_layers(self, config) -> None:
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
@@ -183,10 +185,14 @@ class PrunedCache(Cache):
     def pruned_layers(self) -> list[PrunedLayer]:
         return [layer for layer in self.layers if isinstance(layer, PrunedLayer)]
 
+    def depth_of(self, policy: EvictionPolicy) -> int:
+        """Position of `policy` (one of this cache's chain) in the chain, by identity."""
+        return depth_in(self.chain, policy)
+
     def shared_state(self, policy: EvictionPolicy, create=None):
         """The cross-layer state of `policy` (one of this cache's chain): None before its first use,
         unless `create` (no arguments) makes it then."""
-        depth = self._context().depth_of(policy)
+        depth = self.depth_of(policy)
         if depth not in self.shared.states and create is not None:
             self.shared.states[depth] = create()
         return self.shared.states.get(depth)

@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def depth_in(chain, policy) -> int:
+    """Position of `policy` in `chain`. Found by identity, not equality (two equal policies may stand in
+    one chain); unlike `id`, the position survives `copy.deepcopy`."""
+    for depth, member in enumerate(chain):
+        if member is policy:
+            return depth
+    raise ValueError(f"{type(policy).__name__} is not part of this cache's policy chain")
+
+
 @dataclass(eq=False)
 class CrossLayerState:
     """State one cache shares across its layers: each policy's cross-layer state (by depth in the
@@ -38,7 +47,8 @@ class LayerContext:
     """What eviction needs to know about a pruned layer's cache: `policy` (None: never evict) and its
     `chain` (outermost first), `slack`, the cache's `quantization` (None: the chain chooses the
     storage), `pruned_index` and `pruned_count` (the layer's place among the pruned layers; 0 and 1
-    until the model's layer types are known), and the cache's `shared` cross-layer state."""
+    until the model's layer types are known), the cache's `shared` cross-layer state, and
+    `follows_budget`, decided once from the chain's declarations."""
 
     policy: Any = None
     chain: tuple = ()
@@ -47,14 +57,10 @@ class LayerContext:
     pruned_index: int = 0
     pruned_count: int = 1
     shared: CrossLayerState = field(default_factory=CrossLayerState)
+    follows_budget: bool = True  # the chain's counts follow the budget (`selection.follows_the_budget`)
 
     def depth_of(self, policy) -> int:
-        """Position of `policy` in the chain. Found by identity, not equality (two equal policies may
-        stand in one chain); unlike `id`, the position survives `copy.deepcopy`."""
-        for depth, member in enumerate(self.chain):
-            if member is policy:
-                return depth
-        raise ValueError(f"{type(policy).__name__} is not part of this cache's policy chain")
+        return depth_in(self.chain, policy)
 
     def storage_for(self, layer):
         """The storage of `layer`: the cache's `quantization`, else the policy chain's choice."""

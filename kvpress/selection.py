@@ -90,8 +90,9 @@ def follows_the_budget(policy) -> bool:
 
 def drops_one_at_most(policy, layer) -> bool:
     """Whether this decoding step can push a (row, head) at most one slot over its count: one token
-    came since the last eviction and the chain's counts follow the budget."""
-    return layer.tokens_since_eviction == 1 and follows_the_budget(policy)
+    came since the last eviction and the chain's counts follow the budget (decided once, when the
+    layer's context was built)."""
+    return layer.tokens_since_eviction == 1 and layer.context.follows_budget
 
 
 def keep_mask(policy, layer) -> torch.Tensor:

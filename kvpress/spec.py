@@ -26,24 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvpress.spec_values import parse_value
+
 FULL_NAMES = ("full", "none", "dense")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-
-
-def parse_value(text: str) -> Any:
-    """``"1024"`` -> 1024, ``"0.5"`` -> 0.5, ``"true"`` -> True, ``"none"`` -> None, else the string."""
-    text = text.strip()
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_params(text: str, where: str) -> dict[str, Any]:

@@ -241,7 +241,7 @@ def reconstruct(policy: KVzip, model, input_ids: torch.Tensor, cache, tokenizer=
         if tokenizer is None:
             raise ValueError("kvzip_prefill needs the tokenizer (or a ReconstructionPrompt) for the repeat request")
         prompt = ReconstructionPrompt.from_tokenizer(tokenizer)
-    depth = next(index for index, member in enumerate(cache.chain) if member is policy)  # in the copies too
+    depth = cache.depth_of(policy)  # the same position in the copies' chains
     positions = None
     if attention_mask is not None:  # as generate does: real tokens count from 0 in every row
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + int(cache.get_seq_length())

@@ -14,6 +14,7 @@ from kvpress import masks
 from kvpress.policy import AttentionRequest, EvictionPolicy, Signals
 from kvpress.selection import rank_from_order, valid_first_order
 from kvpress.slots import TokenLayout
+from kvpress.spec_values import parse_value
 from kvpress.state import State
 
 # a schedule layer that stops and revives nothing leaves the forward to the model; tests turn this off to
@@ -108,7 +109,7 @@ class LazyLLM(EvictionPolicy):
         install_decoder_layer_hook()
         schedule = self.schedule
         if isinstance(schedule, str):  # spec strings: "8:0.7/16:0.5/24:0.3" or "0.25:0.7/0.5:0.5"
-            schedule = tuple(tuple(_number(x) for x in entry.split(":")) for entry in schedule.split("/"))
+            schedule = tuple(tuple(parse_value(x) for x in entry.split(":")) for entry in schedule.split("/"))
         if not isinstance(schedule, (tuple, list)) or not schedule:
             raise ValueError(f"LazyLLM: schedule must be a non-empty sequence of (layer, keep) pairs, got {schedule!r}")
         last_keep = 1.0
@@ -340,17 +341,6 @@ class LazyLLM(EvictionPolicy):
         computations)."""
         state = cache.shared_state(self)
         return 0.0 if state is None or not state.dense else 1.0 - state.computed / state.dense
-
-
-def _number(text: str):
-    """A schedule entry of a spec string: `"8"` -> 8 (a layer index), `"0.7"` -> 0.7, else the text (the
-    schedule's check then names it)."""
-    for kind in (int, float):
-        try:
-            return kind(text.strip())
-        except ValueError:
-            pass
-    return text
 
 
 def _depth(module) -> tuple[int, tuple | None]:
