@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kvpress.masks import mask_has_structure, mask_hides_padding
+from kvpress.masks import custom_mask_validity, mask_has_structure, mask_hides_padding
 from kvpress.reference_attention import grouped_attention, quantized_attention
 from kvpress.signals import AttentionRequest, Signals
 from kvpress.triton_kernels import use_triton
@@ -42,7 +42,8 @@ def row_weights(num_rows: int, rows: int | None, decay: float, device) -> torch.
 
 
 def attend(layer, original, module, query, key, value, attention_mask, args, kwargs,
-           request: AttentionRequest | None, phase: str, new_valid: torch.Tensor | None, layout=None):
+           request: AttentionRequest | None, phase: str, new_valid: torch.Tensor | None, layout=None,
+           custom_mask: bool = False):
     """One forward's attention for a pruned layer, and the signals its policy asked for.
 
     The model's own function runs when the slots are an exact causal prefix its mask describes (no slot
@@ -50,10 +51,15 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     of order) and the policy needs no signal over every row; window rows are then recomputed from the
     last queries. Otherwise `grouped_attention` runs with validity (and the sliding window) from the
     slots; with a `TokenLayout` (kvpress/slots.py) it also runs with the layout's validity and causal
-    order by position. Returns `(output as the model's function returns it, Signals)`."""
+    order by position. A `custom_mask` (a 4-D mask the caller built) is honoured or refused
+    (`custom_mask_validity`). Returns `(output as the model's function returns it, Signals)`."""
     q = query.shape[2]
     slots = layer.slots
     window = layer.sliding_window
+    if layout is not None and custom_mask:
+        raise ValueError(
+            f"layer {layer.layer_idx}: a custom 4-D attention mask cannot be honoured by a policy that lays out "
+            "the tokens itself (LazyLLM); pass a 2-D padding mask.")
     if layout is not None:  # a policy chose the tokens (LazyLLM): validity and order come from the layout
         return _attend_layout(layer, original, module, query, key, value, args, kwargs, request, phase, layout)
     # the model's mask describes the slots while they are the exact prefix it was built for (padding
@@ -69,6 +75,9 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
             "(a custom 4-D mask or bidirectional blocks); PrunedCache can honour it only with the model's own "
             "attention over a cache that has not evicted yet and a policy that needs no attention signal. "
             "Use a causal mask, or PrunedCache(None) / an attention-free policy (knorm, streamingllm) here.")
+    valid = slots.valid
+    if custom_mask:
+        valid = custom_mask_validity(attention_mask, valid, slots.exact_prefix, layer.layer_idx, q)
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -77,7 +86,7 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
     mass = None
     if slots.quantized is not None:
         weights = row_weights(q, request.rows, request.decay, query.device) if request else None
-        out, mass = quantized_attention(query, slots.quantized, slots.valid, scaling=scaling, softcap=softcap,
+        out, mass = quantized_attention(query, slots.quantized, valid, scaling=scaling, softcap=softcap,
                                         query_valid=new_valid, weights=weights, positions=slots.positions,
                                         window=window)
         return (out, None), Signals(phase=phase, q=q, request=request, mass=mass, output=out, query=query,
@@ -87,7 +96,7 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
         # the fused decode kernel folds this step's mass into the running score in place
         weights = row_weights(1, request.rows, request.decay, key.device)
         running = score_state.scores.contiguous()  # the kernel folds a dense buffer (a copy when capacity > used)
-        out, running = decode_attention(query, key, value, slots.valid, scaling=scaling, softcap=softcap,
+        out, running = decode_attention(query, key, value, valid, scaling=scaling, softcap=softcap,
                                         weights=weights, scores=running, decay=request.decay,
                                         backend=FUSED_DECODE_BACKEND)
         score_state.scores = running
@@ -99,14 +108,14 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
             rows = request.rows
             weights = row_weights(rows, None, request.decay, key.device)
             row_valid = new_valid[:, -rows:] if new_valid is not None else None
-            _, mass = grouped_attention(query[:, :, -rows:], key, value, slots.valid, scaling=scaling,
+            _, mass = grouped_attention(query[:, :, -rows:], key, value, valid, scaling=scaling,
                                         softcap=softcap, query_valid=row_valid, weights=weights,
                                         want_output=False, positions=slots.positions, window=window)
     else:
         weights = row_weights(q, request.rows, request.decay, key.device) if request else None
         # padding query rows output zeros and add no mass (a switched-off head's slots are invalid
         # too, so validity is read from the mask, not from the slots)
-        out, mass = grouped_attention(query, key, value, slots.valid, scaling=scaling, softcap=softcap,
+        out, mass = grouped_attention(query, key, value, valid, scaling=scaling, softcap=softcap,
                                       query_valid=new_valid, weights=weights, positions=slots.positions,
                                       window=window)
         output = (out, None)

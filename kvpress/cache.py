@@ -74,6 +74,8 @@ class PrunedCache(Cache):
 
     def _start(self) -> None:
         self._last_layer = -1
+        self._mask_sizes_asked = False
+        self.mask_from_sizes = False  # this forward's mask was built by transformers from get_mask_sizes
         self.shared = CrossLayerState()  # the policies' cross-layer state, handed to every layer's context
         for layer in self.pruned_layers():
             layer.rebind(replace(layer.context, shared=self.shared), layer.sliding_window)
@@ -106,6 +108,8 @@ class PrunedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx <= self._last_layer:
             self.shared.forward_index += 1
+        if layer_idx <= self._last_layer or self._last_layer < 0:  # a forward begins
+            self.mask_from_sizes, self._mask_sizes_asked = self._mask_sizes_asked, False
         self._last_layer = layer_idx
         if self.shared.allocation_pending and key_states.shape[-2] == 1:
             self.end_prefill()
@@ -115,6 +119,12 @@ class PrunedCache(Cache):
             hook.leave_handoff(hook.Handoff(self, self.shared.forward_index, layer, keys))
         return keys, values
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        # transformers asks for the sizes only when it builds the mask itself: a 4-D mask that reaches the
+        # attention without this call is the caller's own (masking_utils returns those as they are)
+        self._mask_sizes_asked = True
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def attend(self, layer: PrunedLayer, original, module, query, key, value, attention_mask, *args, **kwargs):
         """One forward's attention of `layer` (called by the attention hook). At the first forward without
         `config=`, the layer types are learned from the model first; a layer that turns out to be one of
@@ -123,7 +133,10 @@ class PrunedCache(Cache):
             holder = self.adopt_model_config(module.config, layer)
             if holder is not layer:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return layer.attend(original, module, query, key, value, attention_mask, *args, **kwargs)
+        custom_mask = (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+                       and not self.mask_from_sizes)
+        return layer.attend(original, module, query, key, value, attention_mask, *args, custom_mask=custom_mask,
+                            **kwargs)
 
     def layer_at(self, layer_idx: int):
         """Layer `layer_idx`, created (as a `PrunedLayer`) with the ones before it if the cache has not

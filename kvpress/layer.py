@@ -169,7 +169,10 @@ class PrunedLayer(DynamicLayer):
         self.map_tensors(lambda t: t[indices, ...])
 
     # ---- one forward (called by the attention hook) ----
-    def attend(self, original, module, query, key, value, attention_mask, *args, **kwargs):
+    def attend(self, original, module, query, key, value, attention_mask, *args, custom_mask: bool = False,
+               **kwargs):
+        """`custom_mask`: `attention_mask` is a 4-D mask the caller built (not transformers from this
+        cache's `get_mask_sizes`); it is honoured or refused (`kvpress.masks.custom_mask_validity`)."""
         self._check_call(module, kwargs)
         batch, _, q, _ = query.shape
         phase = PREFILL if q > 1 else DECODE
@@ -190,7 +193,7 @@ class PrunedLayer(DynamicLayer):
         policy = self.context.policy
         request = policy.request(phase) if policy is not None else None
         output, signals = attention_path.attend(self, original, module, query, key, value, attention_mask,
-                                                args, kwargs, request, phase, new_valid, layout)
+                                                args, kwargs, request, phase, new_valid, layout, custom_mask)
         if policy is not None:
             policy.update(self, signals)
         after_attention(self, phase)

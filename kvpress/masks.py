@@ -74,3 +74,25 @@ def mask_has_structure(mask: torch.Tensor | None, new_valid: torch.Tensor | None
     reference_row = older.gather(1, real.long().argmax(dim=1)[:, None, None].expand(-1, 1, older.shape[-1]))
     older_differs = ((older != reference_row) & rows).any()
     return bool(new_block_differs | older_differs)
+
+
+def custom_mask_validity(mask: torch.Tensor, slot_valid: torch.Tensor, exact_prefix: bool, layer_idx: int,
+                         q: int) -> torch.Tensor:
+    """Slot validity `[B, Hkv, P]` narrowed by a 4-D mask the caller built (transformers passes such masks
+    through untouched). Its columns are this layer's slots only while the slots are the exact prefix
+    the caller's mask describes (nothing evicted, one column per slot); then the columns its last query
+    row hides are hidden for this forward, and other structure across rows is checked by
+    `mask_has_structure`. After an eviction the columns name tokens the cache may no longer hold, so
+    the mask is refused rather than read against the wrong slots."""
+    if mask.shape[1] != 1:
+        raise ValueError(
+            f"layer {layer_idx}: a custom 4-D attention mask with a mask per head (shape {tuple(mask.shape)}) is "
+            "not supported by PrunedCache; pass one mask for all heads, shape [batch, 1, query, key].")
+    if not exact_prefix or mask.shape[-1] != slot_valid.shape[-1] or mask.shape[-2] != q:
+        raise ValueError(
+            f"layer {layer_idx}: a custom 4-D attention mask (shape {tuple(mask.shape)}) reached a PrunedCache "
+            f"that holds {slot_valid.shape[-1]} slots after evicting or reordering tokens; its columns no longer "
+            "name the tokens the cache holds. A custom mask is honoured only before the first eviction, with one "
+            "column per held token and one row per new token; otherwise pass a 2-D padding mask "
+            "(attention_mask of shape [batch, tokens]).")
+    return slot_valid & visible(mask)[:, :, -1, :]
