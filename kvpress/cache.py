@@ -35,7 +35,7 @@ def _layer_report(index: int, layer) -> LayerReport:
         return layer.report()
     held = 0 if getattr(layer, "keys", None) is None else layer.keys.nbytes + layer.values.nbytes
     kept = 0 if getattr(layer, "keys", None) is None else layer.keys.shape[-2]
-    return LayerReport(index, layer.get_seq_length(), kept, held, 0, pruned=False)
+    return LayerReport(index, layer.get_seq_length(), kept, held, 0, pruned=False, dynamic_bytes=held)
 
 
 class PrunedCache(Cache):

@@ -14,7 +14,10 @@ class LayerReport:
     `pruned` whether
     the policy manages this layer (sliding-window layers are left to transformers), `block_size` the
     slots per block of a block-wise policy (PagedEviction; None otherwise), so `blocks` is the number
-    of pages a paged engine would hold for it."""
+    of pages a paged engine would hold for it. `dynamic_bytes`: the key and value bytes transformers'
+    `DynamicCache` holds for the same tokens (computed from `seen` and the layer's shape: batch x KV
+    heads x tokens held x head_dim x 2 x bytes per element, tokens held being `seen`, or the last
+    `window - 1` of a sliding-window layer), the reference memory savings are measured against."""
 
     layer: int
     seen: int
@@ -24,6 +27,7 @@ class LayerReport:
     pruned: bool = True
     block_size: int | None = None
     capacity: int | None = None
+    dynamic_bytes: int = 0
 
     @property
     def blocks(self) -> int | None:
@@ -42,6 +46,16 @@ class CacheReport:
     @property
     def total_bytes(self) -> int:
         return sum(row.bytes for row in self.layers) + self.shared_bytes
+
+    @property
+    def dynamic_bytes(self) -> int:
+        """Key and value bytes transformers' `DynamicCache` holds for the same tokens (every layer)."""
+        return sum(row.dynamic_bytes for row in self.layers)
+
+    @property
+    def vs_dynamic(self) -> float | None:
+        """`total_bytes / dynamic_bytes`: the memory held relative to `DynamicCache` for the same tokens."""
+        return self.total_bytes / self.dynamic_bytes if self.dynamic_bytes else None
 
     @property
     def ratio(self) -> float:
@@ -66,5 +80,6 @@ class CacheReport:
                          f"{row.evictions:>9}{blocks}{tag}")
         if self.shared_bytes:
             lines.append(f"policy state across layers {self.shared_bytes:,} bytes")
-        lines.append(f"total bytes {self.total_bytes:,}; kept/seen {self.ratio:.3f}")
+        versus = f"; {self.vs_dynamic:.3f}x DynamicCache's {self.dynamic_bytes:,}" if self.dynamic_bytes else ""
+        lines.append(f"total bytes {self.total_bytes:,}{versus}; kept/seen {self.ratio:.3f}")
         return "\n".join(lines)

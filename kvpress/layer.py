@@ -230,9 +230,13 @@ class PrunedLayer(DynamicLayer):
     def report(self) -> LayerReport:
         """Tokens seen, slots kept (the most any KV head holds), bytes allocated (storage capacity and
         policy state included), evictions."""
-        held = kept = capacity = 0
+        held = kept = capacity = dynamic = 0
         if self.is_initialized:
             held = self.slots.nbytes + sum(state.nbytes for state in self.states.values())
             kept = self.kept_slots
             capacity = self.slots.capacity
-        return LayerReport(self.layer_idx, self.seen, kept, held, self.evictions, capacity=capacity)
+            slots = self.slots
+            tokens = self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
+            dynamic = slots.batch * slots.num_heads * tokens * slots.head_dim * 2 * slots.itemsize
+        return LayerReport(self.layer_idx, self.seen, kept, held, self.evictions, capacity=capacity,
+                           dynamic_bytes=dynamic)

@@ -59,4 +59,5 @@ def compare(args, specs: list[str]) -> None:
     figure = plot_comparison(comparison_rows(runs), out / "compare.png")
     print(f"\n{heading}\n{summary}\n\nPer task, score / fidelity:\n{tasks_table}")
     print(f"\nfidelity: each task's metric with the full cache's predictions as references (100 = same "
-          f"answers); written: {out / 'compare.md'}, {out / 'compare.csv'}, {figure}")
+          f"answers); KV bytes vs DynamicCache: bytes held over the key/value bytes transformers' DynamicCache "
+          f"holds for the same tokens (computed from the tokens seen and the model's shape); written: {out / 'compare.md'}, {out / 'compare.csv'}, {figure}")

@@ -37,11 +37,14 @@ class GenerationSettings:
 @dataclass(frozen=True)
 class CacheStats:
     """What the cache held at the end of the sample: mean slots per (layer, KV head), tokens seen per
-    layer, bytes of keys and values (plus slot metadata for a PrunedCache)."""
+    layer, bytes of keys and values (plus slot metadata for a PrunedCache), and the key/value bytes
+    transformers' `DynamicCache` holds for the same tokens (`CacheReport.dynamic_bytes`: computed from
+    the tokens seen and the model's shape; a transformers cache's own bytes)."""
 
     slots_kept: float
     tokens_seen: float
     bytes: int
+    dynamic_bytes: int
 
 
 def cache_stats(cache) -> CacheStats | None:
@@ -55,14 +58,14 @@ def cache_stats(cache) -> CacheStats | None:
             return None
         kept = sum(row.kept for row in layers) / len(layers)
         seen = sum(row.seen for row in layers) / len(layers)
-        return CacheStats(float(kept), float(seen), int(rep.total_bytes))
+        return CacheStats(float(kept), float(seen), int(rep.total_bytes), int(rep.dynamic_bytes))
     layers = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "keys", None) is not None]
     if not layers:
         return None
     slots = [layer.keys.shape[-2] for layer in layers]
     nbytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
     mean = sum(slots) / len(slots)
-    return CacheStats(float(mean), float(mean), int(nbytes))
+    return CacheStats(float(mean), float(mean), int(nbytes), int(nbytes))
 
 
 def stop_token_ids(model, tokenizer, stop_at_newline: bool) -> list[int] | None:

@@ -91,7 +91,8 @@ def plot_runs(folders: list[str], out_dir: str) -> list[Path]:
 
 
 def plot_comparison(rows: list[dict], path: str | Path) -> Path:
-    """``kvpress compare``'s figure: fidelity and score against KV bytes relative to the full cache,
+    """``kvpress compare``'s figure: fidelity and score against KV bytes relative to transformers'
+    `DynamicCache` for the same tokens,
     one line per policy (and compression mode), the full cache as a black star. ``rows`` are the
     summary rows of ``report.comparison_rows`` (first row: the full cache)."""
     import matplotlib
@@ -102,20 +103,20 @@ def plot_comparison(rows: list[dict], path: str | Path) -> Path:
     full, others = rows[0], rows[1:]
     lines: dict[str, list[dict]] = defaultdict(list)
     for row in others:
-        if row["kv_vs_full"] is not None:
+        if row["kv_vs_dynamic"] is not None:
             name = row["policy"] if row["compress"] == "question" else f"{row['policy']} [context]"
             lines[name].append(row)
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
     for ax, key, title in ((axes[0], "fidelity", "fidelity to the full cache"),
                            (axes[1], "score", "LongBench score")):
         for name, points in sorted(lines.items()):
-            points = sorted((p for p in points if p[key] is not None), key=lambda p: p["kv_vs_full"])
-            ax.plot([p["kv_vs_full"] for p in points], [p[key] for p in points], marker="o", label=name)
+            points = sorted((p for p in points if p[key] is not None), key=lambda p: p["kv_vs_dynamic"])
+            ax.plot([p["kv_vs_dynamic"] for p in points], [p[key] for p in points], marker="o", label=name)
         reference = 100.0 if key == "fidelity" else full["score"]
-        if reference is not None:
-            ax.plot([1.0], [reference], marker="*", markersize=11, color="black", linestyle="none",
+        if reference is not None and full["kv_vs_dynamic"] is not None:
+            ax.plot([full["kv_vs_dynamic"]], [reference], marker="*", markersize=11, color="black", linestyle="none",
                     label="full cache")
-        ax.set_xlabel("KV bytes relative to the full cache")
+        ax.set_xlabel("KV bytes relative to DynamicCache")
         ax.set_title(title, fontsize="medium")
         ax.set_xlim(0, 1.05)
         ax.grid(alpha=0.3)

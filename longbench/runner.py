@@ -115,6 +115,7 @@ class Predictor:
             "kv_slots_kept": gen.cache.slots_kept if gen.cache else None,
             "kv_tokens_seen": gen.cache.tokens_seen if gen.cache else None,
             "kv_bytes": gen.cache.bytes if gen.cache else None,
+            "kv_bytes_dynamic": gen.cache.dynamic_bytes if gen.cache else None,
         }
         if self.settings.compress == "context":
             # None: no split found (tail longer than half of max_length), run question-aware
@@ -156,8 +157,9 @@ class Predictor:
             passes = extra["passes"].values()
             out["seconds"] = round(sum(p["seconds"] for p in passes), 4)
             out["new_tokens"] = sum(p["new_tokens"] for p in passes)
-            sizes = [p["kv_bytes"] for p in passes if p["kv_bytes"] is not None]
-            out["kv_bytes"] = max(sizes) if sizes else None
+            for key in ("kv_bytes", "kv_bytes_dynamic"):
+                sizes = [p[key] for p in passes if p.get(key) is not None]
+                out[key] = max(sizes) if sizes else None
         out.update(extra)
         return out
 

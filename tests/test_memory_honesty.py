@@ -9,7 +9,7 @@ import torch
 from tiny_models import random_ids, tiny_model
 from transformers import DynamicCache
 
-from kvpress import PrunedCache
+from kvpress import KVQuant, PrunedCache
 from kvpress.policies import H2O, SnapKV
 
 
@@ -46,3 +46,27 @@ def test_a_pruned_layer_keeps_at_most_1_20th_headroom_plus_slack(policy, slack):
     for row in cache.report().layers:
         assert row.kept <= 40 + slack
         assert row.capacity <= bound, (row.capacity, bound)
+
+
+@pytest.mark.parametrize("family, overrides, policy, quantized", [
+    ("llama", {}, H2O(budget=16, window=4), False),
+    ("llama", {}, SnapKV(budget=16, window=4), True),
+    ("mistral", {"sliding_window": 24}, H2O(budget=16, window=4), False),  # every layer slides
+    ("gemma2", {"sliding_window": 24}, SnapKV(budget=16, window=4), False),  # sliding layers stay transformers'
+])
+def test_the_dynamic_cache_bytes_the_report_states_are_dynamic_cache_s_own(family, overrides, policy, quantized):
+    """`report().dynamic_bytes`, the reference savings are stated against, equals the bytes a real
+    `DynamicCache` holds after the same generation (a batch with left padding)."""
+    model = tiny_model(family, "eager", **overrides)
+    ids = random_ids(2, 40, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    settings = {"attention_mask": mask, "max_new_tokens": 9, "do_sample": False, "pad_token_id": 0}
+    dynamic = DynamicCache(config=model.config)
+    model.generate(ids, cache=dynamic, **settings)
+    quantization = KVQuant(bits=4, group_size=8, residual=8) if quantized else None
+    pruned = PrunedCache(policy, quantization=quantization)
+    model.generate(ids, cache=pruned, **settings)
+    report = pruned.report()
+    assert report.dynamic_bytes == dynamic_kv_bytes(dynamic)
+    assert report.vs_dynamic < 1  # it evicted: 16 of the 48 tokens (23 of a sliding layer) per row

@@ -131,6 +131,14 @@ def test_v2_cot_records_both_passes(tiny, tmp_path):
     assert record["seconds"] == pytest.approx(cot["seconds"] + answer["seconds"], abs=1e-3)
     assert record["new_tokens"] == cot["new_tokens"] + answer["new_tokens"]
     assert record["kv_bytes"] == max(cot["kv_bytes"], answer["kv_bytes"])
+    # DynamicCache's bytes for the same tokens, from the model's shape (the last new token is never fed)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    for diag in (cot, answer):
+        assert diag["kv_bytes_dynamic"] == (diag["input_tokens"] + diag["new_tokens"] - 1) * per_token
+        assert diag["kv_bytes"] >= diag["kv_bytes_dynamic"]  # the no-op cache holds every token (and slot metadata)
+    assert record["kv_bytes_dynamic"] == max(cot["kv_bytes_dynamic"], answer["kv_bytes_dynamic"])
 
 
 def test_context_mode_is_recorded_and_refuses_the_other_mode(tiny, tmp_path):
@@ -242,7 +250,7 @@ def test_compare_uses_the_bundled_sample_online_and_offline(tiny_model_dir, tmp_
                      "--policy", "snapkv:budget=0.5,window=8", "--compress", "question,context", "--workers", "1",
                      "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| run | score | fidelity | identical % | KV bytes vs full | generation s |" in printed
+    assert "| run | score | fidelity | identical % | KV bytes vs DynamicCache | generation s |" in printed
     for label in ("| full |", "| snapkv:budget=0.5,window=8 |", "| snapkv:budget=0.5,window=8 [context] |"):
         assert label in printed
     for name in ("compare.md", "compare.csv"):

@@ -59,7 +59,7 @@ def test_v2_accuracy_by_difficulty_and_length():
     assert out["unanswered"] == 1 and out["samples"] == 3
 
 
-def _fake_run(folder, policy, budget, score_pred, kv_bytes):
+def _fake_run(folder, policy, budget, score_pred, kv_bytes, dynamic_bytes=4000):
     from kvpress.longbench.store import RunStore
 
     store = RunStore(folder)
@@ -68,7 +68,8 @@ def _fake_run(folder, policy, budget, score_pred, kv_bytes):
     path = store.task_path("passage_count")
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"_id": str(i), "pred": score_pred if i else "0", "answers": ["3"], "all_classes": None, "length": 5,
-             "input_tokens": 100, "kv_slots_kept": 50, "kv_bytes": kv_bytes, "seconds": 1.0} for i in range(2)]
+             "input_tokens": 100, "kv_slots_kept": 50, "kv_bytes": kv_bytes,
+             "kv_bytes_dynamic": dynamic_bytes, "seconds": 1.0} for i in range(2)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store.task_path("lcc").write_text(json.dumps(dict(rows[0], pred="x = 1", answers=["x = 1"])) + "\n")
 
@@ -102,18 +103,18 @@ def test_comparison_table_reports_score_fidelity_bytes_and_time(tmp_path):
         score_run,
     )
 
-    _fake_run(tmp_path / "a", "full", None, "3", 4000)
+    _fake_run(tmp_path / "a", "full", None, "3", 4200)  # the no-op cache: 1.05x DynamicCache's 4000
     _fake_run(tmp_path / "b", "h2o:budget=0.2", 0.2, "4", 1000)
     runs = [ComparedRun("full", "question", score_run(tmp_path / "a")),
             ComparedRun("h2o:budget=0.2", "question", score_run(tmp_path / "b", reference=tmp_path / "a"), "h2o", 0.2)]
     lines = comparison_table(runs).splitlines()
-    assert lines[0] == "| run | score | fidelity | identical % | KV bytes vs full | generation s |"
+    assert lines[0] == "| run | score | fidelity | identical % | KV bytes vs DynamicCache | generation s |"
     # passage_count: full says "0" then "3", h2o "0" then "4": one of two samples identical; lcc identical
-    assert lines[2] == "| full | 75.00 | reference | reference | 1.000 | 3.0 |"
+    assert lines[2] == "| full | 75.00 | reference | reference | 1.050 | 3.0 |"
     assert lines[3] == "| h2o:budget=0.2 | 50.00 | 75.00 | 66.7 | 0.250 | 3.0 |"
     assert per_task_table(runs).splitlines()[3] == "| h2o:budget=0.2 | 0.00 / 50.00 | 100.00 / 100.00 |"
     csv_lines = comparison_csv(runs).splitlines()
-    assert csv_lines[0] == "run,policy,budget,compress,task,score,fidelity,identical,kv_bytes,kv_vs_full,seconds"
+    assert csv_lines[0] == "run,policy,budget,compress,task,score,fidelity,identical,kv_bytes,kv_vs_dynamic,seconds"
     assert len(csv_lines) == 1 + 2 * 3
     path = plot_comparison(comparison_rows(runs), tmp_path / "compare.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
