@@ -44,7 +44,7 @@ class KVzip(Policy):
     slot) scores of a row, so layers and heads keep different counts (the paper's default,
     non-uniform); `"layer"` gives each layer its uniform budget, shared by its heads (NVIDIA kvpress's
     `layerwise`). Tokens that come after the reconstructed prompt (a question, generated tokens) rank
-    above every prompt slot, among themselves by `1 +` the largest attention they receive, so
+    above every context slot, among themselves by `1 +` the largest attention they receive, so
     decode-time eviction takes the prompt's least reconstructed slots first [our choice]. The template
     prefix ranks above everything, so it is kept whole whenever the budget holds it (the authors keep it
     outside the budget). Defaults as NVIDIA kvpress's KVzipPress: 4 sinks kept, chunks of 2048 (the
