@@ -14,6 +14,8 @@ from kvpress.selection import rank_from_order
 from kvpress.state import ScoreState
 
 ROW_CHUNK = 256  # query rows per block when recomputing attention probabilities
+# above every context score (a probability) and every later token's (1 + a probability)
+TEMPLATE_PREFIX_SCORE = 3.0
 
 
 __all__ = ["KVzip", "ReconstructionPrompt", "kvzip_prefill"]
@@ -25,14 +27,16 @@ class KVzip(Policy):
     then keep the top slots across layers and heads.
 
     Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
-    arXiv 2505.23416. After the prompt is prefilled, the model is fed a repeat request followed by the
-    prompt itself ("Repeat the previous context exactly." + the chat template's reply prefix + the
-    context), teacher-forced, in chunks of `chunk_size` tokens (later chunks start with the last
-    `overlap` tokens of the previous one), so memory stays linear. A slot's score is the maximum, over
-    the chunk's query rows and the query heads of its KV group, of its softmax attention probability,
-    the softmax taken over the sinks, the chunk's own slots and the repeated tokens (the reference's
-    subsampling). The repeated tokens are then dropped. Scores do not depend on any question, so one
-    compressed cache serves every later question.
+    arXiv 2505.23416. The context is the prompt without the chat template's prefix (its system turn and
+    user header, BOS included), as in the authors' code, where that prefix is kept whole and never
+    repeated. After the prompt is prefilled, the model is fed a repeat request followed by the context
+    ("Repeat the previous context exactly." + the chat template's reply prefix + the context),
+    teacher-forced, in chunks of `chunk_size` tokens (later chunks start with the last `overlap` tokens
+    of the previous one), so memory stays linear. A slot's score is the maximum, over the chunk's query
+    rows and the query heads of its KV group, of its softmax attention probability, the softmax taken
+    over the template prefix and the sinks, the chunk's own slots and the repeated tokens (the
+    reference's subsampling). The repeated tokens are then dropped. Scores do not depend on any
+    question, so one compressed cache serves every later question.
 
     Run it with `kvzip_prefill(model, input_ids, cache, tokenizer)`; a cache that reaches its first
     decoding step without a reconstruction raises. Selection runs once every layer has been scored
@@ -40,9 +44,11 @@ class KVzip(Policy):
     slot) scores of a row, so layers and heads keep different counts (the paper's default,
     non-uniform); `"layer"` gives each layer its uniform budget, shared by its heads (NVIDIA kvpress's
     `layerwise`). Tokens that come after the reconstructed prompt (a question, generated tokens) rank
-    above every prompt slot, among themselves by `1 +` the largest attention they receive, so
-    decode-time eviction takes the prompt's least reconstructed slots first [our choice]. Defaults as NVIDIA kvpress's KVzipPress: 4 sinks kept, chunks of 2048
-    (the authors' code: 2000), overlap 8. State per layer: `scores [B, Hkv, P]` (the max attention).
+    above every context slot, among themselves by `1 +` the largest attention they receive, so
+    decode-time eviction takes the prompt's least reconstructed slots first [our choice]. The template
+    prefix ranks above everything, so it is kept whole whenever the budget holds it (the authors keep it
+    outside the budget). Defaults as NVIDIA kvpress's KVzipPress: 4 sinks kept, chunks of 2048 (the
+    authors' code: 2000), overlap 8. State per layer: `scores [B, Hkv, P]` (the max attention).
     """
 
     spec_name = "kvzip"
@@ -72,9 +78,11 @@ class KVzip(Policy):
     def new_layer_state(self, layer) -> ReconstructionScores:
         return ReconstructionScores(torch.zeros(layer.batch, layer.num_heads, 0, device=layer.device))
 
-    def prefill(self, model, input_ids, cache, *, tokenizer=None, attention_mask=None, prompt=None):
+    def prefill(self, model, input_ids, cache, *, tokenizer=None, attention_mask=None, prompt=None,
+                context_start=None):
         """The declared prefill (`owns_prefill`): the prompt, then its reconstruction (`kvzip_prefill`)."""
-        return reconstruct(self, model, input_ids, cache, tokenizer, attention_mask=attention_mask, prompt=prompt)
+        return reconstruct(self, model, input_ids, cache, tokenizer, attention_mask=attention_mask, prompt=prompt,
+                           context_start=context_start)
 
     def update(self, layer, signals) -> None:
         state = layer.state(self)
@@ -92,7 +100,7 @@ class KVzip(Policy):
         if state.chunk is not None:  # a reconstruction forward: sinks, the chunk, the repeated tokens
             start, stop = state.chunk
             old = layer.positions[..., :layer.num_slots - signals.q]  # [B, Hkv, P - q]
-            allowed = (old < self.sinks) | ((old >= start) & (old < stop))
+            allowed = (old < self.sinks) | ((old >= start) & (old < stop)) | in_template_prefix(old, state)
         module = signals.module
         softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
         scaling = float(getattr(module, "scaling", signals.query.shape[-1] ** -0.5))
@@ -106,7 +114,8 @@ class KVzip(Policy):
         state.scores = torch.where(late, torch.maximum(state.scores, 1.0 + received), state.scores)
 
     def score(self, layer) -> torch.Tensor:
-        return layer.state(self).scores
+        state = layer.state(self)
+        return torch.where(in_template_prefix(layer.positions, state), TEMPLATE_PREFIX_SCORE, state.scores)
 
     def allocate(self, layers) -> list[torch.Tensor]:
         if not all(layer.state(self).reconstructed for layer in layers):
@@ -176,71 +185,96 @@ def max_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, 
 class ReconstructionScores(ScoreState):
     """KVzip's per-layer state: `scores [B, Hkv, P]` (largest attention received), `chunk` the position
     range `[start, stop)` a reconstruction forward is repeating (None otherwise), `reconstructed` once
-    `kvzip_prefill` scored the prompt, `prompt_tokens [B]` the real tokens it scored."""
+    `kvzip_prefill` scored the prompt, `prompt_tokens [B]` the real tokens it scored, `template_prefix
+    [B, 2]` the positions `[start, stop)` of the row's chat-template prefix (empty without one)."""
 
-    row_fields: ClassVar[tuple[str, ...]] = ("prompt_tokens",)
+    row_fields: ClassVar[tuple[str, ...]] = ("prompt_tokens", "template_prefix")
 
     def __init__(self, scores: torch.Tensor):
         super().__init__(scores)
         self.chunk: tuple[int, int] | None = None
         self.reconstructed = False
         self.prompt_tokens: torch.Tensor | None = None
+        self.template_prefix: torch.Tensor | None = None
+
+
+def in_template_prefix(positions: torch.Tensor, state: ReconstructionScores) -> torch.Tensor:
+    """`[B, Hkv, P]` bool: which of `positions [B, Hkv, P]` hold the row's chat-template prefix."""
+    if state.template_prefix is None:
+        return torch.zeros_like(positions, dtype=torch.bool)
+    start, stop = state.template_prefix[:, 0, None, None], state.template_prefix[:, 1, None, None]
+    return (positions >= start) & (positions < stop)
 
 
 @dataclass(frozen=True)
 class ReconstructionPrompt:
     """Token ids of KVzip's repeat request: `first` before the first chunk, `later` before later chunks
     (followed by the previous chunk's last `overlap` tokens), then `reply` (the chat template's turn
-    change up to the assistant's reply)."""
+    change up to the assistant's reply). `template_prefix`: the chat template's tokens before the user's
+    message (system turn, user header); a prompt row that starts with them (and has more) keeps them
+    whole and repeats only what follows."""
 
     first: list[int]
     later: list[int]
     reply: list[int] = field(default_factory=list)
+    template_prefix: list[int] = field(default_factory=list)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> ReconstructionPrompt:
-        """The authors' wording, and the reply prefix of the tokenizer's chat template ("\\n" without one)."""
+        """The authors' wording (`model/wrapper.py`, `self_task`), and the tokenizer's chat template around
+        one user message: what precedes it (`template_prefix`) and the reply prefix after it (`reply`;
+        "\\n" and no prefix without a template). The template is rendered with `enable_thinking=False`, as
+        the authors' Qwen3 template ends the reply prefix with an empty think block; templates that do not
+        know the flag ignore it."""
 
         def encode(text):
             return tokenizer.encode(text, add_special_tokens=False)
 
-        reply = "\n"
+        prefix, reply = "", "\n"
         if getattr(tokenizer, "chat_template", None):
-            marker = "\n" + "#" * 13
-            text = tokenizer.apply_chat_template([{"role": "user", "content": "dummy context" + marker}],
-                                                 add_generation_prompt=True, tokenize=False)
-            reply = text.split(marker, 1)[1]
+            marker = "#" * 13
+            text = tokenizer.apply_chat_template([{"role": "user", "content": marker + "dummy context\n" + marker}],
+                                                 add_generation_prompt=True, tokenize=False, enable_thinking=False)
+            prefix, _, reply = text.split(marker, 2)
         return cls(first=encode("\n\nRepeat the previous context exactly."),
-                   later=encode("\n\nRepeat the part of the previous context exactly, starting with"),
-                   reply=encode(reply))
+                   later=encode("\n\nRepeat the part of the previous context exactly, starting with "),
+                   reply=encode(reply), template_prefix=encode(prefix) if prefix else [])
 
 
 @torch.no_grad()
 def kvzip_prefill(model, input_ids: torch.Tensor, cache, tokenizer=None, *, attention_mask=None,
-                  prompt: ReconstructionPrompt | None = None) -> torch.Tensor:
+                  prompt: ReconstructionPrompt | None = None, context_start: int | None = None) -> torch.Tensor:
     """Prefill `input_ids [B, T]` into `cache` (a `PrunedCache` whose chain holds `KVzip`), score its
     slots by context reconstruction, and compress. Returns the prefill's logits `[B, T, V]`.
 
     The repeat request comes from `tokenizer` (or `prompt`). Each row is reconstructed alone, chunk by
-    chunk, on a copy of the prefilled cache, so the repeated tokens never enter `cache`; the prompt's
-    real tokens are the context (left padding is skipped). Cost: one plain prefill, plus per row a
+    chunk, on a copy of the prefilled cache, so the repeated tokens never enter `cache`. The context is
+    a row's real tokens (left padding is skipped) after its first `context_start` ones; by default those
+    are the chat template's prefix when the row starts with it (`ReconstructionPrompt.template_prefix`),
+    none otherwise. Pass `context_start` for a prompt whose prefix the template does not produce by
+    itself (a custom system prompt). Cost: one plain prefill, plus per row a
     forward over about `T + T/chunk_size * len(request)` tokens attending the cache (the reconstruction),
     plus the copies. To continue with `generate`, prefill all but the last prompt token, then pass the
     full ids: `kvzip_prefill(model, ids[:, :-1], cache, tok); model.generate(ids, cache=cache, ...)`.
     """
     if not any(isinstance(member, KVzip) for member in getattr(cache, "chain", ())):
         raise ValueError("kvzip_prefill needs a PrunedCache whose policy chain holds KVzip")
-    return cache.prefill(model, input_ids, tokenizer=tokenizer, attention_mask=attention_mask, prompt=prompt)
+    return cache.prefill(model, input_ids, tokenizer=tokenizer, attention_mask=attention_mask, prompt=prompt,
+                         context_start=context_start)
 
 
 @torch.no_grad()
 def reconstruct(policy: KVzip, model, input_ids: torch.Tensor, cache, tokenizer=None, *, attention_mask=None,
-                prompt: ReconstructionPrompt | None = None) -> torch.Tensor:
+                prompt: ReconstructionPrompt | None = None, context_start: int | None = None) -> torch.Tensor:
     """KVzip's prefill (its `prefill` hook, run by `PrunedCache.prefill`): `kvzip_prefill`'s work."""
     if prompt is None:
         if tokenizer is None:
             raise ValueError("kvzip_prefill needs the tokenizer (or a ReconstructionPrompt) for the repeat request")
         prompt = ReconstructionPrompt.from_tokenizer(tokenizer)
+    real = input_ids.shape[1] if attention_mask is None else attention_mask.sum(-1)
+    real = torch.as_tensor(real).expand(input_ids.shape[0])
+    rows = [input_ids[row, input_ids.shape[1] - int(real[row]):] for row in range(input_ids.shape[0])]  # real tokens
+    heads = template_lengths(rows, prompt.template_prefix, context_start)
     depth = cache.depth_of(policy)  # the same position in the copies' chains
     positions = None
     if attention_mask is not None:  # as generate does: real tokens count from 0 in every row
@@ -248,11 +282,13 @@ def reconstruct(policy: KVzip, model, input_ids: torch.Tensor, cache, tokenizer=
     logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                    use_cache=True).logits
     layers = cache.pruned_layers()
-    real = input_ids.shape[1] if attention_mask is None else attention_mask.sum(-1)
-    real = torch.as_tensor(real).expand(input_ids.shape[0])
+    prefix_stop = layers[0].real_seen.cpu() - torch.tensor([len(tokens) for tokens in rows]) + torch.tensor(heads)
+    template_prefix = torch.stack([prefix_stop - torch.tensor(heads), prefix_stop], dim=-1)  # [B, 2] positions
+    for layer in layers:  # before the copies, which take their row of it
+        layer.state(policy).template_prefix = template_prefix.to(layer.device)
     for row in range(input_ids.shape[0]):
-        context = input_ids[row, input_ids.shape[1] - int(real[row]):]  # the row's real tokens
-        first_position = int(layers[0].real_seen[row]) - context.shape[0]
+        context = rows[row][heads[row]:]  # what the model repeats
+        first_position = int(prefix_stop[row])
         for start in range(0, context.shape[0], policy.chunk_size):
             stop = min(context.shape[0], start + policy.chunk_size)
             request = prompt.first if start == 0 else prompt.later + context[start - policy.overlap:start].tolist()
@@ -274,3 +310,17 @@ def reconstruct(policy: KVzip, model, input_ids: torch.Tensor, cache, tokenizer=
         layer.state(policy).prompt_tokens = layer.real_seen.clone()
     cache.end_prefill()
     return logits
+
+
+def template_lengths(rows: list[torch.Tensor], template_prefix: list[int], context_start: int | None) -> list[int]:
+    """Per row, how many leading tokens of `rows` (each a row's real tokens) precede the context:
+    `context_start` when given, else the template prefix's length where the row starts with it."""
+    shortest = min(len(tokens) for tokens in rows)
+    if context_start is not None:
+        if isinstance(context_start, bool) or not isinstance(context_start, int) or not 0 <= context_start < shortest:
+            raise ValueError(f"kvzip_prefill: context_start (prompt tokens before the context, kept whole and not "
+                             f"repeated) must be an int in [0, {shortest - 1}] for a prompt whose shortest row has "
+                             f"{shortest} real tokens, got {context_start!r}")
+        return [context_start] * len(rows)
+    size = len(template_prefix)
+    return [size if 0 < size < len(tokens) and tokens[:size].tolist() == template_prefix else 0 for tokens in rows]

