@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.budgets import check_bool, check_int
-from kvpress.policy import DECODE, AttentionRequest, Policy, slots_for_budget
+from kvpress.policy import DECODE, PREFILL, AttentionRequest, Policy, slots_for_budget
 from kvpress.selection import rank_from_order
 
 AGGREGATIONS = ("mean", "max")
+ROW_CHUNK_ELEMENTS = 1 << 24  # fp32 probabilities held at once by `task_row_max`
 
 
 @dataclass
@@ -24,10 +25,12 @@ class KVCompose(Policy):
     Token score `s[l, g, j]`: the attention the task queries pay to slot `j` in layer `l`, KV head `g`.
     The task queries are the prompt's last `window` rows (the question when the prompt ends with it,
     like SnapKV's observation window) [our choice: the reference re-runs the question as a second
-    forward with eager attention]; the mass is summed over those rows and over the query heads of
-    the group, which ranks as the reference's `agg_task="mean"`, `agg_group="mean"` (a constant
-    factor `window * G`, the same in every layer) [our choice: the attention signal of this library
-    is a weighted sum over rows, so the reference's default row maximum is not available].
+    forward with eager attention]. `agg_task="max"` (the reference's default): each query head's
+    largest attention probability over the task rows, then the mean over the query heads of the
+    group (`agg_group="mean"`, the reference's default): `s[g, j] = mean_{h in g} max_r A[h, r, j]`,
+    computed from the forward's queries over the task rows only. `agg_task="mean"`: the attention
+    signal summed over the task rows and the query heads of the group, which ranks as the reference's
+    `agg_task="mean"` (a constant factor `window * G`, the same in every layer).
     `add_v_norm` multiplies by `||v_j||_2`; `add_mean_across_heads` adds the layer's mean over KV
     heads of the same token (default on, as the reference).
 
@@ -38,16 +41,18 @@ class KVCompose(Policy):
     with `C_l` the uniform keep count; layer `l` keeps `n_l` composite tokens (each head its own top
     `n_l`) plus the window. `structured=False` is the unstructured variant: one top-k over
     `(layer, head, rank)`, so heads keep different counts. As in the reference, the first
-    `max(1, keep_token_lower_bound)` composite tokens of every layer are always kept, and with
-    `first_layer_max` the structured variant gives layer 0 the maximum curve over layers.
+    `keep_token_lower_bound` composite tokens of every layer (every head, unstructured) are always
+    kept (none by default: a layer may keep the window alone), and with `first_layer_max` the
+    structured variant gives layer 0 the maximum curve over layers.
 
     Runs in the cross-layer stage (`allocates_across_layers`): at the end of the prompt, once every
     layer has attended it. Decode rule [our choice, docs/policies.md]: each layer keeps the size it
     was given (a float budget grows it by the uniform growth); each decoding step adds its attention
-    row to the running mass and the layer evicts its lowest-scoring slots per head, the newest
-    `window` tokens protected. State: the running mass per slot (`ScoreState`).
-    Defaults: the reference's (`structured`, `agg_head="mean"`, no value norm, head mean added, no
-    lower bound); window 32 and budget 0.2 [our choice].
+    row to the running score (`"max"`: the running maximum of the group mean of the row's
+    probabilities; `"mean"`: the running sum) and the layer evicts its lowest-scoring slots per head,
+    the newest `window` tokens protected. State: the running score per slot (`ScoreState`).
+    Defaults: the reference's (`structured`, `agg_task="max"`, `agg_head="mean"`, no value norm, head
+    mean added, no lower bound); window 32 and budget 0.2 [our choice].
     """
 
     spec_name = "kvcompose"
@@ -57,6 +62,7 @@ class KVCompose(Policy):
     budget: int | float = 0.2
     window: int = 32
     structured: bool = True
+    agg_task: str = "max"
     agg_head: str = "mean"
     add_v_norm: bool = False
     add_mean_across_heads: bool = True
@@ -69,6 +75,8 @@ class KVCompose(Policy):
         super().__post_init__()
         if self.window < 1:
             raise ValueError(f"KVCompose: window must be an int >= 1 (the task query rows), got {self.window}")
+        if self.agg_task not in AGGREGATIONS:
+            raise ValueError(f"KVCompose: agg_task must be one of {AGGREGATIONS}, got {self.agg_task!r}")
         if self.agg_head not in AGGREGATIONS:
             raise ValueError(f"KVCompose: agg_head must be one of {AGGREGATIONS}, got {self.agg_head!r}")
         for name in ("structured", "add_v_norm", "add_mean_across_heads", "first_layer_max"):
@@ -77,8 +85,24 @@ class KVCompose(Policy):
 
     def request(self, phase: str) -> AttentionRequest:
         if phase == DECODE:
-            return AttentionRequest(rows=None, accumulate=True)
+            return AttentionRequest(rows=None, accumulate=self.agg_task == "mean")
+        # "max" reads the queries (`update`); the window request keeps the attention path's checks
+        # (masks, padding) and costs the window rows only
         return AttentionRequest(rows=self.window, accumulate=False)
+
+    def update(self, layer, signals) -> None:
+        if self.agg_task == "mean":
+            return super().update(layer, signals)
+        state = layer.state(self)
+        if signals.phase == PREFILL:
+            module = signals.module
+            softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+            scaling = float(getattr(module, "scaling", signals.query.shape[-1] ** -0.5))
+            state.scores = task_row_max(signals.query, layer.keys, layer.valid, self.window, scaling, softcap,
+                                        layer.positions, layer.sliding_window)
+        elif signals.mass is not None:  # one decoding row: its probabilities averaged over the group
+            group = signals.query.shape[1] // layer.num_heads
+            state.scores = torch.maximum(state.scores, signals.mass / group)
 
     def score(self, layer) -> torch.Tensor:
         scores = self.raw_scores(layer).float()  # [B, Hkv, P]
@@ -115,7 +139,7 @@ class KVCompose(Policy):
         return not self.structured  # the unstructured variant gives each head its own count
 
     def forced_ranks(self) -> int:
-        return max(1, self.keep_token_lower_bound)
+        return self.keep_token_lower_bound
 
     def candidates(self, layer, chain):
         """Per head of `layer`: candidate scores sorted descending (`-max` fp32 where none), the free
@@ -130,6 +154,37 @@ class KVCompose(Policy):
         lowest = torch.finfo(torch.float32).min
         scores = self.score(layer).float().clamp(min=lowest / 2).masked_fill(~candidate, lowest)
         return scores.sort(dim=-1, descending=True, stable=True).values, free, fixed
+
+
+def task_row_max(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, rows: int, scaling: float,
+                 softcap: float | None, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """`[B, Hkv, P]` fp32: for each slot, the mean over the query heads of its KV group of the largest
+    softmax probability the slot gets from one of the last `rows` query rows (`query [B, Hq, q, D]`,
+    the last `q` slots of `keys [B, Hkv, P, D]`): the reference's `agg_task="max"`, `agg_group="mean"`.
+    Row `i` sees the valid slots up to its own (and, with a sliding `window`, positions within it);
+    padding rows count for nothing."""
+    batch, q_heads, q, dim = query.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    rows = min(rows, q)
+    queries = query[:, :, q - rows:].float().view(batch, kv_heads, group, rows, dim)
+    keys = keys.float()
+    row_slot = torch.arange(slots - rows, slots, device=keys.device)  # [rows]
+    visible = valid[:, :, None, :] & (torch.arange(slots, device=keys.device) <= row_slot[:, None])  # [B, Hkv, rows, P]
+    if window is not None:
+        visible = visible & (positions[:, :, None, :] > positions[:, :, row_slot, None] - window)
+    row_real = valid[:, :, row_slot]  # [B, Hkv, rows]
+    best = torch.zeros(batch, kv_heads, group, slots, device=keys.device)
+    chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, batch * q_heads * slots))
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        logits = torch.einsum("bhgqd,bhpd->bhgqp", queries[:, :, :, start:stop], keys) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~visible[:, :, None, start:stop], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0) * row_real[:, :, None, start:stop, None]
+        best = torch.maximum(best, probs.amax(dim=3))
+    return best.mean(2)
 
 
 def head_mean_by_position(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,

@@ -11,6 +11,8 @@ from kvpress.policy import DECODE, PREFILL, Policy, slots_for_budget
 from kvpress.state import State
 
 TOKEN_SCORES = ("v_over_k", "inverse_key", "value", "key_plus_value")
+KEEP_ENDS = ("reference", "high", "low")
+REFERENCE_SCORES = ("inverse_key", "value", "key_plus_value")  # the scores the reference code has
 EPSILON = 1e-6
 
 
@@ -31,15 +33,25 @@ class PagedEviction(Policy):
     `modeling_llama.py`. Each layer's slots, in temporal order, form blocks of `block_size`; every
     block but the newest is full.
 
-    Token score (`token_score`, fp32 norms, epsilon 1e-6), higher = keep: `"v_over_k"` `||v||_2 / ||k||_2`
-    (the paper as described in secondary sources), or the reference code's `"inverse_key"`
-    `1 / ||k||_2`, `"value"` `||v||_2`, `"key_plus_value"` `||k||_2 + ||v||_2`. It is averaged over
-    the KV heads, so every head keeps the same tokens; a block scores the mean of its tokens.
+    Token score (`token_score`, fp32 norms, epsilon 1e-6) from the token's key and value norms
+    averaged over the KV heads first (`k = mean_h ||k_h||_2`, `v = mean_h ||v_h||_2`, as the reference's
+    `get_token_score`), so every head keeps the same tokens: `"v_over_k"` `v / (k + eps)` (the paper's
+    ratio as its reviews state it; the reference code has no such score), or the reference code's
+    `"inverse_key"` `1 / (k + eps)`, `"value"` `v` and `"key_plus_value"` `k + v`. Block score, as the
+    reference's variants: the global variant applies the same formula to the block's mean norms
+    (`get_page_score`: `1 / (mean k + eps)` for `inverse_key`); the local variant takes the mean of its
+    tokens' scores (the reference sums them over full pages, which ranks the same).
+    Which end is kept (`keep_end`): `"reference"` keeps what the reference keeps for its scores, the
+    LOW end in the global variant (`topk(largest=False)` at prefill, the highest-scoring page evicted:
+    for `inverse_key` the tokens with large key norms) and the high end in the local variant; for
+    `v_over_k`, which the code lacks, the high end in both (the paper evicts the least important
+    tokens). `"high"` / `"low"` keep that end in both variants (`"high"` was this library's rule
+    before it followed the reference).
     Prompt (a forward of several tokens): the first block and the newest (partial) block of the
-    prompt are kept, the other tokens ranked one by one, the best kept up to the budget; the kept
+    prompt are kept, the other tokens ranked one by one, the best (at the kept end) up to the budget; the kept
     tokens then form the blocks. Decoding: whenever the cache evicts (every step at slack 0, every
     `slack + 1` steps otherwise) and the layer holds more than its budget, it evicts the fewest whole
-    blocks that bring it back within the budget, the lowest-scoring first, never the first block nor
+    blocks that bring it back within the budget, the worst-scoring first, never the first block nor
     the newest, so at slack 0 the size stays in `[budget - block_size, budget]` between steps and no
     block is left partly filled. With a budget that is a multiple of `block_size`, that is one block
     each time the newest block fills and the next token arrives. `oldest_blocks` is the reference's "local" variant:
@@ -63,6 +75,7 @@ class PagedEviction(Policy):
     block_size: int = 16
     token_score: str = "v_over_k"
     oldest_blocks: int | None = None
+    keep_end: str = "reference"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +83,8 @@ class PagedEviction(Policy):
         check_int("PagedEviction", "block_size", size, 1, "slots per block")
         if self.token_score not in TOKEN_SCORES:
             raise ValueError(f"PagedEviction: token_score must be one of {TOKEN_SCORES}, got {self.token_score!r}")
+        if self.keep_end not in KEEP_ENDS:
+            raise ValueError(f"PagedEviction: keep_end must be one of {KEEP_ENDS}, got {self.keep_end!r}")
         oldest = self.oldest_blocks
         if oldest is not None and (isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 1):
             raise ValueError(f"PagedEviction: oldest_blocks must be None (any block) or an int >= 1, got {oldest!r}")
@@ -110,33 +125,55 @@ class PagedEviction(Policy):
         block = torch.where(valid, rank // size[:, None], valid.shape[-1])
         return block, valid.sum(-1), size
 
-    def token_scores(self, layer) -> torch.Tensor:
-        """`[B, P]` fp32: the token score averaged over the KV heads (0 on invalid slots)."""
-        keys = layer.keys.float().norm(dim=-1)  # [B, Hkv, P]
-        values = layer.values.float().norm(dim=-1)
+    def combine(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The token score from (mean) key and value norms, fp32."""
         if self.token_score == "v_over_k":
-            per_head = values / (keys + EPSILON)
-        elif self.token_score == "inverse_key":
-            per_head = 1.0 / (keys + EPSILON)
-        elif self.token_score == "value":
-            per_head = values
-        else:
-            per_head = keys + values
-        valid = layer.valid
-        return per_head.masked_fill(~valid, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+            return values / (keys + EPSILON)
+        if self.token_score == "inverse_key":
+            return 1.0 / (keys + EPSILON)
+        if self.token_score == "value":
+            return values
+        return keys + values
+
+    def head_mean_norms(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`([B, P], [B, P])` fp32: each slot's key and value norms averaged over the KV heads that hold
+        it (0 on invalid slots)."""
+        valid = layer.valid  # [B, Hkv, P]
+        heads = valid.sum(1).clamp(min=1)  # [B, P]
+        keys = layer.keys.float().norm(dim=-1).masked_fill(~valid, 0.0).sum(1) / heads
+        values = layer.values.float().norm(dim=-1).masked_fill(~valid, 0.0).sum(1) / heads
+        return keys, values
+
+    def token_scores(self, layer) -> torch.Tensor:
+        """`[B, P]` fp32: the token score of each slot from its head-averaged norms."""
+        return self.combine(*self.head_mean_norms(layer))
 
     def block_scores(self, layer) -> torch.Tensor:
-        """`[B, P]` fp32: each slot carries the mean token score of its block."""
+        """`[B, P]` fp32: each slot carries its block's score; global variant: the token formula on the
+        block's mean norms, local variant (`oldest_blocks`): the mean of its tokens' scores."""
         block, _, _ = self.block_index(layer)
-        tokens = self.token_scores(layer)
-        slots = block.shape[-1]
-        total = tokens.new_zeros(block.shape[0], slots + 1).scatter_add_(1, block, tokens)
-        count = tokens.new_zeros(block.shape[0], slots + 1).scatter_add_(1, block, torch.ones_like(tokens))
-        return (total / count.clamp(min=1)).gather(1, block)
+
+        def block_mean(per_slot):  # [B, P] -> [B, P], the mean over each slot's block
+            slots = block.shape[-1]
+            total = per_slot.new_zeros(block.shape[0], slots + 1).scatter_add_(1, block, per_slot)
+            count = per_slot.new_zeros(block.shape[0], slots + 1).scatter_add_(1, block, torch.ones_like(per_slot))
+            return (total / count.clamp(min=1)).gather(1, block)
+
+        if self.oldest_blocks is not None:
+            return block_mean(self.token_scores(layer))
+        keys, values = self.head_mean_norms(layer)
+        return self.combine(block_mean(keys), block_mean(values))
+
+    def keeps_low_end(self) -> bool:
+        if self.keep_end == "reference":
+            return self.oldest_blocks is None and self.token_score in REFERENCE_SCORES
+        return self.keep_end == "low"
 
     # ---- the selection hooks ----
     def score(self, layer) -> torch.Tensor:
         per_slot = self.block_scores(layer) if self.decoding(layer) else self.token_scores(layer)
+        if self.keeps_low_end():
+            per_slot = -per_slot  # the selection keeps the highest scores
         return per_slot[:, None].expand_as(layer.valid)
 
     def protected(self, layer) -> torch.Tensor:

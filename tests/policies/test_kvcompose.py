@@ -37,7 +37,7 @@ def naive_allocation(scores, window, per_layer, structured, lower_bound=0, first
     every slot real, the last `window` protected), by plain sorting and counting."""
     layers, heads, length = len(scores), scores[0].shape[0], scores[0].shape[1]
     ranked = [[sorted(head[:length - window].tolist(), reverse=True) for head in layer] for layer in scores]
-    forced = max(1, lower_bound)
+    forced = lower_bound  # the reference floors no layer: `+1e9` on the first `lower_bound` ranks only
     entries = []
     if structured:
         composite = [[sum(ranked[l][h][i] for h in range(heads)) / heads for i in range(length - window)]
@@ -62,15 +62,39 @@ def naive_allocation(scores, window, per_layer, structured, lower_bound=0, first
     return [[c + window for c in layer] for layer in counts]
 
 
-def test_scores_are_window_attention_plus_the_head_mean():
+def naive_task_max(attention: torch.Tensor, kv_heads: int, rows: int) -> torch.Tensor:
+    """`attention [Hq, T, T]` of one row -> `[Hkv, T]`: for each KV head and column, the mean over the
+    group's query heads of the largest probability over the last `rows` rows (NVIDIA kvpress
+    `KVComposePress`: `MaxAggregator` over each query head's task rows, then `MeanAggregator` over
+    the group), by plain loops."""
+    heads, length = attention.shape[0], attention.shape[-1]
+    group = heads // kv_heads
+    out = torch.zeros(kv_heads, length, dtype=torch.float64)
+    for g in range(kv_heads):
+        for j in range(length):
+            per_head = [max(float(attention[h, r, j]) for r in range(length - rows, length))
+                        for h in range(g * group, (g + 1) * group)]
+            out[g, j] = sum(per_head) / group
+    return out
+
+
+@pytest.mark.parametrize("agg_task", ["max", "mean"])
+def test_scores_are_the_task_rows_aggregated_as_the_reference_plus_the_head_mean(agg_task):
     model, ids, window = tiny_model(layers=2), token_ids(24), 5
-    policy = KVCompose(budget=10, window=window, add_v_norm=True)
+    policy = KVCompose(budget=10, window=window, add_v_norm=True, agg_task=agg_task)
     cache = prompt_only(model, ids, policy)
     for layer, (attention, _, values) in zip(cache.layers, eager_reference(model, ids)):
-        mass = group_sum(attention, 2)[0, :, -window:].sum(1)  # [Hkv, T] over the task rows
+        if agg_task == "max":
+            mass = naive_task_max(attention[0], 2, window)
+        else:  # the sum over rows and query heads ranks as the reference's mean (one factor, every layer)
+            mass = group_sum(attention, 2)[0, :, -window:].sum(1)  # [Hkv, T] over the task rows
         mass = mass * values[0].norm(dim=-1)
         expected = mass + mass.mean(0, keepdim=True)
         torch.testing.assert_close(policy.score(layer)[0].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_default_aggregation_is_the_reference_row_maximum():
+    assert KVCompose().agg_task == "max"
 
 
 @pytest.mark.parametrize("structured", [True, False])
@@ -89,6 +113,14 @@ def test_allocation_equals_a_naive_ranking_of_composite_tokens(structured, lower
             # each head keeps the window and its own top slots: different positions per head
             order = sorted(range(36), key=lambda j: (-float(score[head, j]), -j))[:size - 4]
             assert kept(layer, 0, head) == sorted(order + list(range(36, 40)))
+
+
+def test_a_flat_layer_may_keep_the_window_alone_as_in_the_reference():
+    model, ids = model_with_different_layers(), token_ids(40, seed=3)
+    policy = KVCompose(budget=12, window=4)
+    cache = prompt_only(model, ids, policy)
+    counts = [int(c[0, 0]) for c in policy.allocate(cache.layers)]
+    assert 4 in counts and sum(counts) == 4 * 12  # no floor of one composite token per layer
 
 
 def test_informative_layers_keep_more_and_the_total_is_the_uniform_budget():
@@ -150,7 +182,9 @@ def test_batch_of_two_equals_each_row_alone(structured):
 def test_spec_string_and_validation():
     assert parse_spec("kvcompose:budget=0.2").policy == KVCompose(budget=0.2)
     assert parse_spec("kvcompose:budget=0.2,structured=false").policy.structured is False
-    for field, value in (("window", 0), ("agg_head", "median"), ("structured", 1), ("keep_token_lower_bound", -1)):
+    assert parse_spec("kvcompose:budget=0.2,agg_task=mean").policy.agg_task == "mean"
+    for field, value in (("window", 0), ("agg_head", "median"), ("agg_task", "sum"), ("structured", 1),
+                         ("keep_token_lower_bound", -1)):
         with pytest.raises(ValueError, match=field):
             KVCompose(**{field: value})
 

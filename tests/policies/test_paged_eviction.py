@@ -1,6 +1,9 @@
-"""PagedEviction: no attention signal, the prompt's first and newest blocks kept with the best tokens,
-whole blocks evicted while decoding (the lowest-scoring one, never the first nor the newest), block
-scores against a naive computation, the budget at every step, blocks in the report."""
+"""PagedEviction: no attention signal, the prompt's first and newest blocks kept with the tokens at the
+reference's end of the score, whole blocks evicted while decoding (never the first nor the newest),
+token and block scores against a naive computation written from the reference code
+(`krishnateja95/PagedEviction` `modeling_llama.py`: norms averaged over heads before the score, page
+scores per variant, the global variant keeping the low end), the budget at every step, blocks in the
+report."""
 
 import pytest
 import torch
@@ -14,17 +17,41 @@ from kvpress.policy import DECODE, PREFILL
 from kvpress.spec import parse_spec
 
 
+def naive_norms(keys: torch.Tensor, values: torch.Tensor, slot: int) -> tuple[float, float]:
+    """The key and value L2 norms of `slot`, averaged over the KV heads (the reference's
+    `torch.norm(x, dim=-1).mean(dim=[0, 1])`, one batch row)."""
+    heads = keys.shape[0]
+    k = sum(float(keys[head, slot].double().norm()) for head in range(heads)) / heads
+    v = sum(float(values[head, slot].double().norm()) for head in range(heads)) / heads
+    return k, v
+
+
+def naive_formula(k: float, v: float, kind: str) -> float:
+    return {"v_over_k": v / (k + 1e-6), "inverse_key": 1 / (k + 1e-6), "value": v, "key_plus_value": k + v}[kind]
+
+
 def naive_token_scores(keys: torch.Tensor, values: torch.Tensor, kind: str) -> list[float]:
-    """`keys`, `values [Hkv, T, D]` of one row -> the token score of each slot, averaged over heads."""
-    scores = []
-    for slot in range(keys.shape[1]):
-        per_head = []
-        for head in range(keys.shape[0]):
-            k, v = float(keys[head, slot].double().norm()), float(values[head, slot].double().norm())
-            per_head.append({"v_over_k": v / (k + 1e-6), "inverse_key": 1 / (k + 1e-6), "value": v,
-                             "key_plus_value": k + v}[kind])
-        scores.append(sum(per_head) / len(per_head))
-    return scores
+    """`keys`, `values [Hkv, T, D]` of one row -> each slot's score from its head-averaged norms (the
+    reference's `get_token_score`: norms averaged first, then inverted or added)."""
+    return [naive_formula(*naive_norms(keys, values, slot), kind) for slot in range(keys.shape[1])]
+
+
+def naive_block_score(keys, values, slots: list[int], kind: str, local: bool) -> float:
+    """The reference's page score over `slots`: global variant (`get_page_score`) the formula on the
+    norms averaged over heads and tokens; local variant the tokens' scores summed (here: averaged,
+    every compared block is full)."""
+    if local:
+        tokens = naive_token_scores(keys, values, kind)
+        return sum(tokens[s] for s in slots) / len(slots)
+    norms = [naive_norms(keys, values, s) for s in slots]
+    return naive_formula(sum(k for k, _ in norms) / len(norms), sum(v for _, v in norms) / len(norms), kind)
+
+
+def reference_keeps_low(kind: str, local: bool) -> bool:
+    """The reference keeps the low end in its global variant (`topk(largest=False)` at prefill, the
+    page with the largest score evicted), the high end in its local one; `v_over_k`, which the
+    reference code lacks, keeps the high end (the paper evicts the least important tokens)."""
+    return not local and kind != "v_over_k"
 
 
 def held(layer, row: int = 0) -> list[int]:
@@ -71,51 +98,71 @@ def test_no_attention_signal_is_requested_or_computed(monkeypatch):
         assert layer.scores is None and sum(state.nbytes for state in layer.states.values()) == 0
 
 
+@pytest.mark.parametrize("oldest_blocks", [None, 2])
 @pytest.mark.parametrize("kind", ["v_over_k", "inverse_key", "value", "key_plus_value"])
-def test_prompt_keeps_first_and_newest_block_and_the_best_tokens(kind):
+def test_prompt_keeps_first_and_newest_block_and_the_reference_end_of_the_tokens(kind, oldest_blocks):
     model, ids = tiny_model(), token_ids(38, seed=3)
     budget, block = 20, 4
-    cache = PrunedCache(PagedEviction(budget=budget, block_size=block, token_score=kind))
+    cache = PrunedCache(PagedEviction(budget=budget, block_size=block, token_score=kind, oldest_blocks=oldest_blocks))
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
+    sign = 1 if reference_keeps_low(kind, oldest_blocks is not None) else -1
     for layer, (_, keys, values) in zip(cache.layers, eager_reference(model, ids)):
         scores = naive_token_scores(keys[0], values[0], kind)
         reserved = list(range(block)) + list(range(36, 38))  # 38 = 9 full blocks + a newest block of 2
-        rest = sorted((j for j in range(38) if j not in reserved), key=lambda j: (-scores[j], -j))
+        rest = sorted((j for j in range(38) if j not in reserved), key=lambda j: (sign * scores[j], -j))
         assert held(layer) == sorted(reserved + rest[:budget - len(reserved)])
 
 
-def test_block_scores_equal_a_naive_mean_over_each_block():
+@pytest.mark.parametrize(("keep_end", "low"), [("high", False), ("low", True)])
+def test_keep_end_keeps_that_end_in_both_variants(keep_end, low):
+    model, ids = tiny_model(), token_ids(38, seed=3)
+    for oldest_blocks in (None, 2):
+        cache = PrunedCache(PagedEviction(budget=20, block_size=4, token_score="inverse_key",
+                                          oldest_blocks=oldest_blocks, keep_end=keep_end))
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+        for layer, (_, keys, values) in zip(cache.layers, eager_reference(model, ids)):
+            scores = naive_token_scores(keys[0], values[0], "inverse_key")
+            rest = sorted(range(4, 36), key=lambda j: ((1 if low else -1) * scores[j], -j))
+            assert held(layer) == sorted(list(range(4)) + rest[:14] + [36, 37])
+
+
+@pytest.mark.parametrize("oldest_blocks", [None, 2])
+@pytest.mark.parametrize("kind", ["v_over_k", "inverse_key"])
+def test_block_scores_equal_the_reference_page_score(kind, oldest_blocks):
     model, ids = tiny_model(), token_ids(30, seed=4)
-    policy = PagedEviction(budget=20, block_size=4)
+    policy = PagedEviction(budget=20, block_size=4, token_score=kind, oldest_blocks=oldest_blocks)
     cache = prompt_then_steps(model, ids, policy, (5, 6, 7))
     for layer in cache.layers:
-        tokens = naive_token_scores(layer.keys[0], layer.values[0], "v_over_k")
         slots = [s for s in range(layer.num_slots) if bool(layer.valid[0, 0, s])]
         expected = {}
         for rank, slot in enumerate(slots):
             members = slots[rank // 4 * 4:rank // 4 * 4 + 4]
-            expected[slot] = sum(tokens[s] for s in members) / len(members)
+            expected[slot] = naive_block_score(layer.keys[0], layer.values[0], members, kind, oldest_blocks is not None)
         ours = policy.block_scores(layer)[0]
         torch.testing.assert_close(ours[slots].double(), torch.tensor([expected[s] for s in slots]).double(),
                                    rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["v_over_k", "inverse_key"])
 @pytest.mark.parametrize("oldest_blocks", [None, 2])
-def test_decoding_evicts_the_lowest_whole_block_and_the_budget_holds(oldest_blocks):
+def test_decoding_evicts_the_reference_whole_block_and_the_budget_holds(oldest_blocks, kind):
     model, ids = tiny_model(), token_ids(50, seed=5)
     budget, block = 24, 4
-    policy = PagedEviction(budget=budget, block_size=block, oldest_blocks=oldest_blocks)
+    local = oldest_blocks is not None
+    sign = 1 if reference_keeps_low(kind, local) else -1  # the evicted block is the first by (-sign * score)
+    policy = PagedEviction(budget=budget, block_size=block, oldest_blocks=oldest_blocks, token_score=kind)
     cache = PrunedCache(policy)
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
     evictions = 0
     for index, token in enumerate(token_ids(20, seed=6)[0].tolist()):
-        before = {layer.layer_idx: (held(layer), policy.block_scores(layer)[0, layer.valid[0, 0]].tolist())
-                  for layer in cache.layers}
+        before = {layer.layer_idx: (held(layer), layer.keys[0][:, layer.valid[0, 0]].clone(),
+                                    layer.values[0][:, layer.valid[0, 0]].clone()) for layer in cache.layers}
         step(model, cache, token)
         for layer in cache.layers:
-            positions, block_scores = before[layer.layer_idx]
+            positions, keys, values = before[layer.layer_idx]
             after = held(layer)
             assert budget - block <= len(after) <= budget
             grown = positions + [50 + index]
@@ -130,8 +177,11 @@ def test_decoding_evicts_the_lowest_whole_block_and_the_budget_holds(oldest_bloc
             first, newest = 0, (len(grown) - 1) // block
             candidates = [b for b in range(first + 1, newest)
                           if oldest_blocks is None or b <= oldest_blocks]
-            lowest = min(candidates, key=lambda b: (block_scores[b * block], -b))
-            assert start // block == lowest
+            # the new token's slot (rank len(positions)) is in the newest block, never a candidate
+            score = {b: naive_block_score(keys, values, list(range(b * block, b * block + block)), kind, local)
+                     for b in candidates}
+            evicted = min(candidates, key=lambda b: (-sign * score[b], -b))
+            assert start // block == evicted
     assert evictions == 5 * len(cache.layers)  # 24 -> 25 evicts at the 1st step, then every 4th
 
 
@@ -158,7 +208,8 @@ def test_report_shows_blocks_held_and_block_size():
 
 def test_spec_string_and_validation():
     assert parse_spec("pagedeviction:budget=0.2,block_size=16").policy == PagedEviction(budget=0.2)
-    for field, value in (("block_size", 0), ("token_score", "attention"), ("oldest_blocks", 0)):
+    assert parse_spec("pagedeviction:budget=0.2,keep_end=high").policy.keep_end == "high"
+    for field, value in (("block_size", 0), ("token_score", "attention"), ("oldest_blocks", 0), ("keep_end", "middle")):
         with pytest.raises(ValueError, match=field):
             PagedEviction(**{field: value})
 
