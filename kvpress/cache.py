@@ -218,10 +218,17 @@ class PrunedCache(Cache):
         self._map_shared(lambda t: t[indices, ...])
 
     def to(self, device) -> PrunedCache:
-        """Move every tensor the cache holds (slots, policy state) to `device`."""
+        """Move every tensor the cache holds (slots, policy state, and the keys and values of the layers
+        left to transformers: the sliding layers of a hybrid model) to `device`."""
         for layer in self.layers:
             if isinstance(layer, PrunedLayer):
                 layer.map_tensors(lambda t: t.to(device))
+            else:  # transformers' own layer: its tensors are plain attributes
+                for name, value in vars(layer).items():
+                    if isinstance(value, torch.Tensor):
+                        setattr(layer, name, value.to(device))
+                if getattr(layer, "device", None) is not None:
+                    layer.device = torch.device(device)
         self._map_shared(lambda t: t.to(device))
         return self
 
