@@ -317,13 +317,16 @@ def test_sampling_with_eviction_draws_from_the_pruned_cache_logits(llama):
         runs.append(llama.generate(ids, cache=cache, max_new_tokens=10, **SAMPLING))
         assert float(held_per_row(cache).max()) <= 10
     assert torch.equal(*runs)
-    # reference: top-k, temperature and multinomial written here on the pruned cache's logits
+    # reference: the pruned cache's logits, each token fed at its position given explicitly, then top-k,
+    # temperature and multinomial written here
     cache = PrunedCache(H2O(budget=10, window=2))
     torch.manual_seed(11)
-    tokens, feed = [], ids
+    tokens, feed, positions = [], ids, torch.arange(20)
     with torch.no_grad():
-        for _ in range(10):
-            scores = llama(feed, cache=cache, use_cache=True).logits[:, -1].float() / 1.5
+        for step in range(10):
+            scores = llama(feed, cache=cache, position_ids=positions[None].expand(2, -1), cache_position=positions,
+                           use_cache=True).logits[:, -1].float() / 1.5
+            positions = torch.tensor([20 + step])
             kth = scores.topk(20, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
             feed = torch.multinomial(scores.softmax(-1), 1)
