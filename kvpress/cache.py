@@ -58,7 +58,12 @@ class PrunedCache(Cache):
     def __init__(self, policy: EvictionPolicy | None = None, *, config=None, slack: int = 0,
                  quantization: KVQuant | None = None):
         if policy is not None and not isinstance(policy, EvictionPolicy):
-            raise ValueError(f"policy must be a kvpress policy or None, got {type(policy).__name__}")
+            got = (f"the class {policy.__name__}; build one: PrunedCache({policy.__name__}(...))"
+                   if isinstance(policy, type) else type(policy).__name__)
+            raise ValueError(f"policy must be a kvpress policy or None, got {got}")
+        if config is not None and not hasattr(config, "get_text_config"):
+            raise ValueError(f"config must be the model's transformers config (model.config) or None, "
+                             f"got {type(config).__name__}")
         check_int("PrunedCache", "slack", slack, 0)
         if quantization is not None and not isinstance(quantization, KVQuant):
             raise ValueError(f"quantization must be a kvpress.KVQuant or None, got {type(quantization).__name__}")
@@ -156,6 +161,9 @@ class PrunedCache(Cache):
         policy that owns its prefill (KVzip) runs its own (the tokenizer builds KVzip's repeat request;
         `options` go to it); any other gets one forward, then `end_prefill()`. To continue with
         `generate`, prefill all but the last prompt token, then pass the full ids."""
+        if input_ids.dim() != 2 or input_ids.shape[-1] == 0:
+            raise ValueError(f"prefill: input_ids must be [batch, tokens] with at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
         owner = self.prefill_owner
         if owner is None:
             with torch.no_grad():
@@ -231,10 +239,17 @@ class PrunedCache(Cache):
         self._map_shared(lambda t: t[indices, ...])
 
     def to(self, device) -> PrunedCache:
-        """Move every tensor the cache holds (slots, policy state) to `device`."""
+        """Move every tensor the cache holds (slots, policy state, and the keys and values of the layers
+        left to transformers: the sliding layers of a hybrid model) to `device`."""
         for layer in self.layers:
             if isinstance(layer, PrunedLayer):
                 layer.map_tensors(lambda t: t.to(device))
+            else:  # transformers' own layer: its tensors are plain attributes
+                for name, value in vars(layer).items():
+                    if isinstance(value, torch.Tensor):
+                        setattr(layer, name, value.to(device))
+                if getattr(layer, "device", None) is not None:
+                    layer.device = torch.device(device)
         self._map_shared(lambda t: t.to(device))
         return self
 

@@ -15,7 +15,7 @@ BITS = (2, 4, 8)
 
 
 def check_bits(owner: str, bits) -> None:
-    if isinstance(bits, bool) or bits not in BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:  # 4.0 would fail at packing
         raise ValueError(f"{owner}: bits must be one of {BITS}, got {bits!r}")
 
 

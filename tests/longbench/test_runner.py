@@ -125,6 +125,37 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny, data_dir, reference
         assert len(ids) == len(set(ids))
 
 
+def test_run_killed_midway_by_an_exception_resumes_with_nothing_lost_and_no_duplicate(
+        tiny, data_dir, reference_run, tmp_path, monkeypatch):
+    """A generation that raises after 6 samples (a Ctrl-C, an out-of-memory error) stops the run; the
+    rerun keeps every line already written, byte for byte, and ends equal to an uninterrupted run."""
+    real, calls = runner.generate, []
+
+    def generation_killed_after_six(*args, **kwargs):
+        if len(calls) == 6:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate", generation_killed_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        do_run(tiny, data_dir, tmp_path)
+    written = {path.name: path.read_text() for path in (tmp_path / "predictions").glob("*.jsonl")}
+    assert sum(text.count("\n") for text in written.values()) == 6
+    resumed_calls = []
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: resumed_calls.append(1) or real(*a, **k))
+    assert do_run(tiny, data_dir, tmp_path)
+    total = sum(len(records) for records in predictions(reference_run).values())
+    assert len(resumed_calls) == total - 6  # no sample predicted twice
+    for name, text in written.items():  # nothing already written lost or rewritten
+        assert (tmp_path / "predictions" / name).read_text().startswith(text), name
+    resumed = predictions(tmp_path)
+    assert resumed == predictions(reference_run)
+    for records in resumed.values():
+        ids = [r["_id"] for r in records]
+        assert len(ids) == len(set(ids))
+
+
 def test_rerun_of_a_finished_run_predicts_nothing(tiny, data_dir, reference_run):
     before = predictions(reference_run)
     assert do_run(tiny, data_dir, reference_run)
