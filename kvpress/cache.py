@@ -128,6 +128,9 @@ class PrunedCache(Cache):
         # transformers asks for the sizes only when it builds the mask itself: a 4-D mask that reaches the
         # attention without this call is the caller's own (masking_utils returns those as they are)
         self._mask_sizes_asked = True
+        if query_length == 0:  # transformers' own error comes later, from a reshape in the attention projection
+            raise ValueError("input_ids: a forward over a PrunedCache needs at least one new token, got 0 "
+                             "(an empty prompt); pass input_ids of shape [batch, tokens] with tokens >= 1.")
         return super().get_mask_sizes(query_length, layer_idx)
 
     def attend(self, layer: PrunedLayer, original, module, query, key, value, attention_mask, *args, **kwargs):
