@@ -64,12 +64,13 @@ MODES = (("decode", 0), ("prefill", 64))
 ANSWER_TOKENS = 12
 SUMMARY_TOKENS = 48
 
-# every registered policy; wrappers around the inner policy their paper uses, Span around the three
+# every registered policy but LazyLLM (it bounds computation, not the cache: no budget to compare at);
+# wrappers around the inner policy their paper uses, Span around the three
 # accumulated/last-row scorers the issue names
 POLICIES = ("h2o", "a2sf", "tova", "snapkv", "knorm", "streamingllm", "random", "expectedattention", "kvzip",
             "span(h2o)", "span(tova)", "span(a2sf)", "vatp(h2o)", "caote(h2o)", "graphkv(snapkv)",
-            "pyramidkv(snapkv)", "adakv(snapkv)", "adakv(expectedattention)", "spatten",
-            "quantizedpruning(snapkv):memory=budget")
+            "pyramidkv(snapkv)", "adakv(snapkv)", "adakv(expectedattention)", "spatten", "kvcompose",
+            "pagedeviction", "quantizedpruning(snapkv):memory=budget")
 # QuantizedPruning at the memory the budget's slots take in the model's precision (`memory=budget`,
 # computed per prompt): at 8 bits in an fp32 model it keeps about 2.8x the slots (scales, zero points
 # and the full-precision tail take the rest of the ideal 4x)
