@@ -53,6 +53,15 @@ def rank_for_selection(scores: torch.Tensor, valid: torch.Tensor, protected: tor
     return torch.where(protected, big, torch.where(valid, scores.clamp(-big / 2, big / 2), -big))
 
 
+def top_k_later_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(values, indices)` of the `k` largest `scores` along the last dimension, ties to the later slot
+    (the rule of every selection here). `torch.topk` breaks ties by its own search order, which
+    changes with the slot layout: a left-padded row would then pick other slots than the row alone."""
+    order = torch.argsort(scores.flip(-1), dim=-1, descending=True, stable=True)[..., :k]
+    indices = scores.shape[-1] - 1 - order
+    return scores.gather(-1, indices), indices
+
+
 def top_k_selection(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor,
                     counts: torch.Tensor, kept: int) -> Selection:
     """Per (row, head) top-`counts` slots by score, protected first, invalid last; ties go to the

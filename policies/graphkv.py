@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kvpress.budgets import check_int
 from kvpress.policies._nonnegative_scores import shift_nonnegative
 from kvpress.policy import Wrapper
+from kvpress.selection import top_k_later_first
 
 
 @dataclass
@@ -73,14 +74,14 @@ def propagate_decay(scores: torch.Tensor, keys: torch.Tensor, candidates: torch.
     for _ in range(rounds):
         open_nodes = candidates & ~is_seed
         ranked = torch.where(open_nodes, scores, lowest)
-        top, picked = ranked.topk(seeds, dim=-1)  # [B, H, K]
+        top, picked = top_k_later_first(ranked, seeds)  # [B, H, K]; pooled scores tie often
         picked_valid = top > lowest
         is_seed = is_seed.scatter(-1, picked, picked_valid) | is_seed
         seed_keys = unit.gather(2, picked[..., None].expand(-1, -1, -1, unit.shape[-1]))  # [B, H, K, D]
         similarity = torch.einsum("bhkd,bhpd->bhkp", seed_keys, unit).clamp(min=0.0)  # [B, H, K, P]
         targets = candidates & ~is_seed  # neighbours are never seeds (nor the seed itself)
         similarity = torch.where(targets[:, :, None, :], similarity, -1.0)
-        weight, near = similarity.topk(neighbours, dim=-1)  # [B, H, K, m]
+        weight, near = top_k_later_first(similarity, neighbours)  # [B, H, K, m]
         weight = weight.clamp(min=0.0) * picked_valid[..., None]
         decay = torch.zeros_like(scores).scatter_add_(-1, near.flatten(2), weight.flatten(2))  # [B, H, P]
         scores = scores - decay * scores

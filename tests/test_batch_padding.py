@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from registry_policies import generate, make_policy
 from tiny_models import FAMILIES, left_pad, random_ids, tiny_model
 
 from kvpress import PrunedCache
-from kvpress.policies import H2O, TOVA, SnapKV, StreamingLLM
+from kvpress.policies import H2O, REGISTRY, TOVA, SnapKV, StreamingLLM
 
 
 @dataclass
@@ -51,6 +52,18 @@ def test_batch_equals_single_with_left_padding(attn, policy):
     for i, row in enumerate(rows):
         alone, _ = run(model, row[None], torch.ones(1, len(row), dtype=torch.long), policy)
         assert torch.equal(batched[i], alone[0]), f"row {i} differs from running it alone"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_policy_gives_each_row_what_it_gives_the_row_alone(name):
+    model = tiny_model("llama", "eager")
+    rows = [random_ids(1, 37, seed=3)[0], random_ids(1, 24, seed=4)[0]]
+    ids, mask = left_pad(rows)
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    batched = generate(model, ids, PrunedCache(make_policy(name, 14)), attention_mask=mask, **settings)
+    for i, row in enumerate(rows):
+        alone = generate(model, row[None], PrunedCache(make_policy(name, 14)), **settings)
+        assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(row):]), f"{name}: row {i} differs from itself alone"
 
 
 def test_ragged_budgets_leave_masked_holes():

@@ -8,19 +8,20 @@ from kvpress.policies.graphkv import propagate_decay
 
 
 def naive_propagation(scores, keys, candidates, seeds, neighbours, rounds):
-    """The update rule with an explicit cosine matrix and Python loops, one head."""
+    """The update rule with an explicit cosine matrix and Python loops, one head. Ties go to the later
+    slot (the paper names no rule; it is the one every selection of the library follows)."""
     n = len(scores)
     cos = [[max(0.0, float(torch.nn.functional.cosine_similarity(keys[i], keys[j], dim=0))) for j in range(n)]
            for i in range(n)]
     scores, chosen = list(scores), set()
     for _ in range(rounds):
         open_nodes = [j for j in range(n) if candidates[j] and j not in chosen]
-        new_seeds = sorted(open_nodes, key=lambda j: -scores[j])[:seeds]
+        new_seeds = sorted(open_nodes, key=lambda j: (-scores[j], -j))[:seeds]
         chosen |= set(new_seeds)
         decay = [0.0] * n
         for i in new_seeds:
             targets = [j for j in range(n) if candidates[j] and j not in chosen]
-            for j in sorted(targets, key=lambda j: -cos[i][j])[:neighbours]:
+            for j in sorted(targets, key=lambda j: (-cos[i][j], -j))[:neighbours]:
                 decay[j] += cos[i][j]
         scores = [s - d * s for s, d in zip(scores, decay)]
     return scores
