@@ -1,7 +1,8 @@
 """Answers of every policy configuration on the end-to-end retrieval prompts (tests/retrieval.py,
 the first three cases), with SmolLM2-135M-Instruct on CPU: how many greedy answers contain the fact,
-and the mean negative log-likelihood of the fact's tokens teacher-forced after the prompt. The values
-recorded in tests/test_real_model.py come from this command:
+and the mean negative log-likelihood of the fact's tokens teacher-forced after the prompt. The first
+two rows are the references tests/test_real_model.py computes itself: transformers' `DynamicCache`
+with the fact, and without it (the prompt with the fact left out: what the model guesses).
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_counts.py [--shard i/n]
 
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from retrieval import E2E_CASES, answer_and_nll, policy_configs
+from transformers import DynamicCache
 
 from kvpress import load_model
 from kvpress.spec import build_cache, parse_spec
@@ -39,12 +41,17 @@ def main() -> None:
     if args.specs is not None:
         configs = {"full": "full", **{spec: spec for spec in args.specs.split(";")}}
     model, tokenizer = load_model("smollm2")
-    for position, (name, spec_text) in enumerate(configs.items()):
+    rows = {"DynamicCache": None, "DynamicCache, no fact": None, **configs}
+    for position, (name, spec_text) in enumerate(rows.items()):
         if position % count != index:
             continue
         start = time.perf_counter()
-        spec = parse_spec(spec_text)
-        results = [answer_and_nll(model, tokenizer, build_cache(spec), case) for case in E2E_CASES]
+        if spec_text is None:
+            results = [answer_and_nll(model, tokenizer, DynamicCache(config=model.config), case,
+                                      with_fact=name == "DynamicCache") for case in E2E_CASES]
+        else:
+            spec = parse_spec(spec_text)
+            results = [answer_and_nll(model, tokenizer, build_cache(spec), case) for case in E2E_CASES]
         answered = [ok for ok, _ in results]
         nll = sum(value for _, value in results) / len(results)
         print(f"{name:24s} {sum(answered)}/{len(answered)} {answered} nll {nll:.3f} "

@@ -108,13 +108,18 @@ class SpAtten(Policy):
     softmax rows) and local value pruning save DRAM traffic, not cache contents: they are not part of
     this policy; the cache-size side of quantization is the library's KV quantization.
 
-    Schedules [our choice; the paper tunes them per task]: `budget` is the mean per layer; layer
-    budgets decrease linearly (PyramidKV's schedule with `token_beta`: the last layer keeps
-    `budget / token_beta` outside the window, the first `2 budget - budget / token_beta`, capped by
-    the tokens seen). Heads: every layer keeps all KV heads up to the middle of the stack, then the
-    kept count falls linearly to `ceil(head_keep * Hkv)` at the last layer. A recent window of 16
-    is kept (as H2O in this library), so a new token is not evicted before it can accumulate
-    attention. State: `CascadeState`, one per cache, owned by the cache (kvpress/state.py).
+    Schedules [the paper tunes them per task]: `budget` is the mean per layer; with `token_beta > 1`
+    layer budgets decrease linearly (PyramidKV's schedule: the last layer keeps `budget / token_beta`
+    outside the window, the first `2 budget - budget / token_beta`, capped by the tokens seen). Heads:
+    with `head_keep < 1` every layer keeps all KV heads up to the middle of the stack, then the kept
+    count falls linearly to `ceil(head_keep * Hkv)` at the last layer. Defaults `token_beta=1`,
+    `head_keep=1` (the same budget in every layer, no head pruning) follow the authors' LLM release
+    (mit-han-lab/spatten-llm, KV token pruning only): the paper prunes heads of multi-head models
+    (BERT, GPT-2), where one head is one query and its own keys and values, and the authors' released
+    GPT-2-medium workload prunes at most 6 of 16 heads (last two layers); a GQA KV head is a whole group of query heads (SmolLM2: a third of the layer),
+    and dropping one there made SpAtten worse than random eviction (docs/policies.md). A recent
+    window of 16 is kept (as H2O in this library), so a new token is not evicted before it can
+    accumulate attention. State: `CascadeState`, one per cache, owned by the cache (kvpress/state.py).
     """
 
     spec_name = "spatten"
@@ -123,8 +128,8 @@ class SpAtten(Policy):
 
     budget: int | float = 0.25
     window: int = 16
-    token_beta: float = 3.0
-    head_keep: float = 0.5
+    token_beta: float = 1.0
+    head_keep: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -58,10 +58,10 @@ def real_text(topic_names, tokenizer, tokens: int, insert: str | None = None, de
     return "\n\n".join(text)
 
 
-def build_prompt(case: RetrievalCase, tokenizer, target_tokens: int = TARGET_TOKENS) -> list[int]:
+def build_prompt(case: RetrievalCase, tokenizer, target_tokens: int = TARGET_TOKENS, with_fact: bool = True) -> list[int]:
     """Chat-formatted token ids: real text of about `target_tokens` tokens with the fact inserted at
-    `case.depth`, then the question."""
-    text = real_text(case.topics, tokenizer, target_tokens, case.fact, case.depth)
+    `case.depth` (left out with `with_fact=False`: what the model answers without it), then the question."""
+    text = real_text(case.topics, tokenizer, target_tokens, case.fact if with_fact else None, case.depth)
     content = "Read the document and answer the question.\n\n" + text
     content += f"\n\nQuestion: {case.question} Answer in a few words."
     messages = [{"role": "user", "content": content}]
@@ -83,13 +83,14 @@ def answers(model, tokenizer, make_cache, cases=RETRIEVAL_CASES, max_new_tokens:
 
 
 @torch.no_grad()
-def answer_and_nll(model, tokenizer, cache, case: RetrievalCase, max_new_tokens: int = 12) -> tuple[bool, float]:
+def answer_and_nll(model, tokenizer, cache, case: RetrievalCase, max_new_tokens: int = 12,
+                   with_fact: bool = True) -> tuple[bool, float]:
     """One prefill of `case`'s prompt into `cache` (eviction included), then on one copy of the cache the
     greedy answer (True where the expected answer appears in it), and on another the mean negative
     log-likelihood of the expected answer's tokens, teacher-forced one decoding step at a time (the
     cache keeps evicting). The NLL measures how much of the fact survives even when the greedy answer
-    misses it."""
-    ids = torch.tensor([build_prompt(case, tokenizer)])
+    misses it. `with_fact=False` asks the same question of the text without the fact."""
+    ids = torch.tensor([build_prompt(case, tokenizer, with_fact=with_fact)])
     logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
     forced = copy.deepcopy(cache)
     target = tokenizer(case.answer, add_special_tokens=False).input_ids

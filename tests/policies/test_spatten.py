@@ -1,5 +1,9 @@
+import itertools
+import math
+from fractions import Fraction
+
 import torch
-from policy_helpers import eager_reference, prefill, tiny_model, token_ids
+from policy_helpers import eager_reference, kept_positions, prefill, tiny_model, token_ids
 
 from kvpress import PrunedCache
 from kvpress.policies import SpAtten
@@ -28,9 +32,9 @@ def test_token_scores_accumulate_over_heads_layers_and_steps():
 
 def test_cascade_upper_layers_keep_a_subset_of_lower_layers():
     model, ids = tiny_model(layers=4), token_ids(40)
-    cache = prefill(model, ids, SpAtten(budget=0.4, window=2, head_keep=1.0), extra=token_ids(6, seed=3))
+    cache = prefill(model, ids, SpAtten(budget=0.4, window=2, token_beta=3.0), extra=token_ids(6, seed=3))
     held = [set(layer.positions[0, 0][layer.valid[0, 0]].tolist()) for layer in cache.layers]
-    for lower, upper in zip(held, held[1:]):
+    for lower, upper in itertools.pairwise(held):
         assert upper <= lower
     counts = [len(h) for h in held]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
@@ -81,3 +85,42 @@ def test_state_is_per_cache():
     first_state, second_state = first.layers[0].shared_state(policy), second.layers[0].shared_state(policy)
     assert first_state is not second_state
     torch.testing.assert_close(first_state.tokens, second_state.tokens)
+
+
+def naive_layer_counts(mean: int, window: int, layers: int, beta: Fraction) -> list[int]:
+    """The linear token schedule written out: layer `l` keeps `hi - l (hi - lo) / (L - 1)` tokens outside the
+    window, `lo = (mean - window) / beta`, `hi = 2 (mean - window) - lo`; integer counts are the differences
+    of the floored cumulative sums, so they add up to `L * mean` exactly."""
+    outside = Fraction(mean - window)
+    lo = outside / beta
+    hi = 2 * outside - lo
+    cumulative = [math.floor(sum(hi - j * (hi - lo) / (layers - 1) for j in range(i))) for i in range(layers + 1)]
+    return [cumulative[i + 1] - cumulative[i] + window for i in range(layers)]
+
+
+def test_default_prunes_no_kv_head_and_gives_every_layer_the_same_budget():
+    """The default follows the authors' LLM release (mit-han-lab/spatten-llm): token pruning only, the
+    same budget in every layer. A KV head of a GQA model is several of the paper's heads (docs/policies.md)."""
+    model, ids = tiny_model(layers=4, heads=4, kv_heads=2), token_ids(60)
+    policy = SpAtten(budget=0.5, window=2)
+    assert (policy.head_keep, policy.token_beta) == (1.0, 1.0)
+    cache = prefill(model, ids, policy, extra=token_ids(4, seed=3))
+    for layer in cache.layers:
+        assert layer.heads_off is None or not bool(layer.heads_off.any())
+        assert layer.valid[0].sum(-1).tolist() == [32, 32]  # 30 of the prompt's 60 plus one per step, 2 heads
+
+
+def test_cascade_keeps_the_top_of_the_cumulative_score_among_the_tokens_held_below():
+    """Expected: the cascade computed from the full eager attention, layer by layer, with the linear token
+    schedule written out (token_beta=5/3: the last layer keeps 0.6 of the mean outside the window)."""
+    model, ids = tiny_model(layers=4, heads=4, kv_heads=2), token_ids(60)
+    cache = prefill(model, ids, SpAtten(budget=0.5, window=2, token_beta=5 / 3))
+    counts = naive_layer_counts(30, 2, 4, Fraction(5, 3))
+    assert counts == [41, 33, 27, 19]
+    score, held, window = torch.zeros(60, dtype=torch.float64), set(range(60)), {58, 59}
+    for layer, (attention, _, _), count in zip(cache.layers, eager_reference(model, ids), counts):
+        score += attention[0].sum(dim=(0, 1))  # every head and every prompt row, this layer and below
+        candidates = sorted(held - window, key=lambda t: -float(score[t]))
+        held = window | set(candidates[:count - len(window)])
+        for head in range(2):  # every KV head stores the same tokens: the cascade's
+            assert set(kept_positions(layer, head=head)) == held
