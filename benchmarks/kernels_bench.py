@@ -94,6 +94,7 @@ class Quantized:
 class Probe:
     """Sizes of the int64 probe. `far`: the element offset every probed tensor reaches (2**31 on a
     GPU); strides stay below it. `slots`, `queries`: the strided views' cache and prefill lengths;
+    `blocks`: the prefill tiles (fixed: no autotuning on these shapes);
     `split`: the decode split of the slot-strided view (its last split starts past `far`);
     `rows_queries`: prefill length of the tensors of more than `far` elements (batch from `far`);
     `quant_slots`: quantized slots per KV head of the quantized-decode probe."""
@@ -143,14 +144,14 @@ GPU = Scale(torch.device("cuda"), long=32768, short=8192, prefill=4096, prefill_
             heads=(32, 8), group7=(28, 4), wide=(16, 8), quantized=Quantized(slots=32768),
             bench_decode=(8192, 32768), bench_prefill=(8192, 32768), bench_quantized=(8192, 32768),
             prompt=32768, budget=2048,
-            probe=Probe(far=2**31, slots=4096, queries=256, split=512, rows_queries=2048, quant_slots=65536,
+            probe=Probe(far=2**31, slots=4096, queries=1024, split=512, rows_queries=2048, quant_slots=65536,
                         blocks=(64, 64)),
             model=LLAMA3_8B)
 DRY = Scale(torch.device("cpu"), long=300, short=90, prefill=40, prefill_long=72, window_slots=70, window=5, chunk=16,
             compact=(20, 45), kivi_rows=32, split_size=64, min_splits=4, heads=(4, 2),
             group7=(7, 1), wide=(2, 1), quantized=Quantized(slots=72, residual=8, group=8, dim=32),
             bench_decode=(128,), bench_prefill=(32,), bench_quantized=(64,), prompt=64, budget=40,
-            probe=Probe(far=4096, slots=24, queries=8, split=64, rows_queries=16, quant_slots=40, blocks=(16, 16)),
+            probe=Probe(far=4096, slots=48, queries=32, split=64, rows_queries=16, quant_slots=40, blocks=(16, 16)),
             model={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
                    "vocab_size": 101})
 
@@ -385,9 +386,10 @@ def int64_section(scale: Scale, report: Report) -> None:
     - decode: `b * stride_kb` and `h * stride_kh` (b, h from the int64 program id), and
       `start * stride_ks` (the split's first slot, cast to int64); the tile then advances a 64-bit
       pointer;
-    - prefill attention: `b`, `h` as decode, the query and output rows `first * stride_qm` (cast),
-      and the output of more than 2**31 elements the launcher allocates; prefill mass: `b`, `h`, the
-      key tile `(tile * BLOCK_N) * stride_ks` (cast) and the query rows (cast);
+    - prefill attention: `b`, `h` as decode, the query rows `first * stride_qm` (cast), and the
+      output of more than 2**31 elements the launcher allocates (`b * stride_ob`); the slot loop
+      advances a 64-bit pointer; prefill mass: `b`, `h`, the key tile `(tile * BLOCK_N) * stride_ks`
+      (cast) and the query rows `first_row * stride_qm` (cast);
     - compaction: `b`, `h`, the kept slot `src * stride_ks` (loaded, cast) and the output rows
       `(bh * K + j) * D` (an output of more than 2**31 elements);
     - quantized decode: the packed codes' rows `(head * N + n) * D * bits / 8` (head from the int64
@@ -397,43 +399,62 @@ def int64_section(scale: Scale, report: Report) -> None:
     Strided views of one random storage of a little more than `far` elements (a slice of a larger
     preallocated cache has such strides) reach the first kind: a batch stride of `far / 2`, a head
     stride of `far / (Hkv - 1)`, a slot stride (slots-major, as transformers' [B, S, H, D] layout)
-    that puts the last decode split past `far`; each is compared in full with the reference on a
-    contiguous copy. Tensors of more than `far` elements reach the rest (a query and output of 257 x
+    that puts the last decode split and the last key tiles past `far`, with prefill queries whose
+    rows are `far / 960` apart (the last 64-row query tile starts past `far`); each is compared in
+    full with the reference on contiguous copies. Tensors of more than `far` elements reach the rest (a query and output of 257 x
     2048 rows x 32 heads x 128 on a GPU; a quantized layer of 65 x 8 KV heads x 65536 slots); their
     first and last batch rows are compared. Offsets that need more memory than an H100 has are not
     probed (docs/kernels.md lists them). GPU memory: about 5 GiB for the storage, then at most
     about 12 GiB at a time."""
+    int64_strided_views(scale, report)
+    empty_cache(scale.device)
+    int64_large_tensors(scale, report)
+
+
+def int64_strided_views(scale: Scale, report: Report, dim: int | None = None) -> None:
+    """The first half of the int64 probe: strided views of one storage (see `int64_section`)."""
     device, probe = scale.device, scale.probe
-    far, dim = probe.far, (128 if device.type == "cuda" else 16)
+    far, dim = probe.far, dim or (128 if device.type == "cuda" else 16)
     q_heads, kv_heads = scale.heads
     dtype = torch.bfloat16
     ones = lambda n: torch.ones(n, device=device)
 
     def strided_views():
-        """(name, shape, strides, decode split, the stride that reaches past `far`) of key views."""
+        """(name, shape, strides, decode split, the stride that reaches past `far`, query row stride) of
+        key views; the slots-major view also takes its prefill queries from the storage, rows far apart."""
         slots, split = probe.slots, probe.split
         last_start = 8 * split  # the ninth decode split starts past far
         slot_stride = max(triton.cdiv(far, last_start), kv_heads * dim)
         batch_stride, head_stride = far // 2 + dim, triton.cdiv(far, kv_heads - 1) + dim
-        return [("batch stride", (3, kv_heads, slots, dim), (batch_stride, slots * dim, dim, 1), None, batch_stride),
-                ("head stride", (1, kv_heads, slots, dim), (dim, head_stride, dim, 1), None, head_stride),
+        query_stride = max(triton.cdiv(far, last_query_tile), q_heads * dim)
+        return [("batch stride", (3, kv_heads, slots, dim), (batch_stride, slots * dim, dim, 1), None, batch_stride,
+                 None),
+                ("head stride", (1, kv_heads, slots, dim), (dim, head_stride, dim, 1), None, head_stride, None),
                 ("slot stride (slots-major)", (1, kv_heads, last_start + 64, dim), (dim, dim, slot_stride, 1), split,
-                 slot_stride)]
+                 slot_stride, query_stride)]
 
+    blocks = probe.blocks
+    last_query_tile = (probe.queries - 1) // blocks[0] * blocks[0]  # first row of the last query tile
+    assert last_query_tile > 0, f"the probe needs more than one query tile ({blocks[0]} rows)"
     views = strided_views()
     extent = lambda shape, strides: sum((n - 1) * st for n, st in zip(shape, strides)) + 1
+    query_view = lambda q_stride: ((1, q_heads, probe.queries, dim), (dim, dim, q_stride, 1))
     value_shift = dim // 2  # values: the same views, half a row further (other numbers than the keys)
-    size = max(extent(shape, strides) for _, shape, strides, _, _ in views) + value_shift
-    for name, shape, strides, _, _ in views:
+    size = max(max(extent(shape, strides), extent(*query_view(q_stride)) if q_stride else 0)
+               for _, shape, strides, _, _, q_stride in views) + value_shift
+    for name, shape, strides, _, _, q_stride in views:
         assert max(strides) < 2**31 and extent(shape, strides) > far, (name, strides)
+        assert q_stride is None or (q_stride < 2**31 and last_query_tile * q_stride >= far), (name, q_stride)
     generator = torch.Generator(device=device).manual_seed(64)
-    storage = [torch.randn(size, generator=generator, device=device, dtype=dtype)]  # a list: freed below
-    blocks = probe.blocks
+    storage = torch.randn(size, generator=generator, device=device, dtype=dtype)  # freed on return
 
-    def inputs(shape, strides, q_len):
-        key = storage[0].as_strided(shape, strides)
-        value = storage[0].as_strided(shape, strides, value_shift)
-        query = torch.randn(shape[0], q_heads, q_len, dim, generator=generator, device=device, dtype=dtype)
+    def inputs(shape, strides, q_len, q_stride=None):
+        key = storage.as_strided(shape, strides)
+        value = storage.as_strided(shape, strides, value_shift)
+        if q_stride is None:
+            query = torch.randn(shape[0], q_heads, q_len, dim, generator=generator, device=device, dtype=dtype)
+        else:  # query rows q_stride apart: the last query tile starts past far
+            query = storage.as_strided(*query_view(q_stride))
         valid = torch.rand(*shape[:3], generator=generator, device=device) < 0.9
         valid[..., -q_len:] = True
         return query, key, value, valid
@@ -450,16 +471,17 @@ def int64_section(scale: Scale, report: Report) -> None:
         close(out, ref_out, "decode output", **OUTPUT_TOLERANCE[dtype])
         close(mass, ref_mass, "decode mass", **MASS_TOLERANCE)
 
-    def prefill(shape, strides):
-        q_len = min(probe.queries, shape[2])
-        query, key, value, valid = inputs(shape, strides, q_len)
+    def prefill(shape, strides, q_stride):
+        q_len = probe.queries
+        query, key, value, valid = inputs(shape, strides, q_len, q_stride)
         kwargs = {"scaling": dim ** -0.5}
         out, lse = attention_with_lse_triton(query, key, value, valid, blocks=blocks, **kwargs)
-        ref_out, ref_lse = attention_with_lse_reference(query, key.contiguous(), value.contiguous(), valid, **kwargs)
+        copies = query.contiguous(), key.contiguous(), value.contiguous()
+        ref_out, ref_lse = attention_with_lse_reference(*copies, valid, **kwargs)
         close(out, ref_out, "prefill output", **OUTPUT_TOLERANCE[dtype])
         close(lse, ref_lse, "log-sum-exp", atol=1e-3, rtol=1e-5)
         mass = prefill_mass_triton(query, key, valid, weights=ones(q_len), lse=lse, blocks=blocks, **kwargs)
-        ref_mass = prefill_mass_reference(query, key.contiguous(), valid, weights=ones(q_len), **kwargs)
+        ref_mass = prefill_mass_reference(*copies[:2], valid, weights=ones(q_len), **kwargs)
         close(mass, ref_mass, "prefill mass", **MASS_TOLERANCE)
 
     def compaction(shape, strides):
@@ -475,15 +497,24 @@ def int64_section(scale: Scale, report: Report) -> None:
         for what, a, b in zip(("keys", "values", "positions", "scores", "valid"), got, want):
             equal(a, b, what)
 
-    for name, shape, strides, split, stride in views:
+    for name, shape, strides, split, stride, q_stride in views:
         where = f"{name} {stride}, largest offset {extent(shape, strides) - 1} elements"
+        rows = f", query row stride {q_stride}" if q_stride else ""
         report.check(f"int64 offsets: decode, {where}", functools.partial(decode, shape, strides, split))
-        report.check(f"int64 offsets: prefill attention + mass, {where}", functools.partial(prefill, shape, strides))
+        report.check(f"int64 offsets: prefill attention + mass, {where}{rows}",
+                     functools.partial(prefill, shape, strides, q_stride))
         report.check(f"int64 offsets: compaction, {where}", functools.partial(compaction, shape, strides))
-    storage.clear()
-    empty_cache(device)
 
-    # tensors of more than `far` elements, all strides small: batch rows past far
+
+def int64_large_tensors(scale: Scale, report: Report) -> None:
+    """The second half of the int64 probe: tensors of more than `far` elements, all strides small,
+    batch rows past `far` (see `int64_section`)."""
+    device, probe = scale.device, scale.probe
+    far, dim = probe.far, (128 if device.type == "cuda" else 16)
+    q_heads, kv_heads = scale.heads
+    dtype = torch.bfloat16
+    ones = lambda n: torch.ones(n, device=device)
+    blocks = probe.blocks
     q_len = probe.rows_queries
     rows_batch = far // (q_len * q_heads * dim) + 1
 
