@@ -1,23 +1,32 @@
 """The Python side of benchmarks/gpu_check.sh: value checks of the compiled kernels at production
-shapes, timing ratios against SDPA in the same run, and an end-to-end decode.
+shapes, timing ratios against SDPA in the same run, an end-to-end 32k-token generation compared
+with the PyTorch path, and the int64 probe.
 
-    python benchmarks/kernels_bench.py [--sections values,decode,prefill,e2e,int64] [--results FILE]
-                                       [--e2e-layers 32] [--e2e-tokens 64] [--dry-run]
+    python benchmarks/kernels_bench.py [--sections values,decode,prefill,quantized,e2e,int64]
+                                       [--results FILE] [--e2e-layers 32] [--e2e-tokens 32] [--dry-run]
 
-values   every kernel against its PyTorch reference, compiled, at production shapes: decode at batch
-         1 with 32k slots and head dim 128 (more than 16 splits), batch 4 with padded rows, GQA group
-         7, fp16 with head dim 96, head dim 256 with softcap; prefill through the autotuned path at
-         4k tokens and with chunked queries over invalid slots; SnapKV window rows at 8k; compaction
-         of 2,048 of 4,096 slots; KIVI quantization bit-exact.
-decode   fused decode attention + mass + score fold vs SDPA decode (the G query heads of a KV head
-         as G query rows), 8k/32k slots, batch 1 and 8, 32/8 heads, dim 128, bf16; plain launches
-         and CUDA graphs. Target <= 1.2x.
-prefill  attention + log-sum-exp + mass of every row vs SDPA causal prefill, 8k and 32k tokens.
-         Target <= 1.6x (attention at SDPA's speed, the mass pass at issue 3's 0.6x).
-e2e      Llama-3-8B shapes with random bf16 weights, 32k-token prompt, greedy decoding:
-         PrunedCache(H2O(budget=2048)) vs DynamicCache, ms per new token. Target: faster.
-int64    offsets past 2**31 elements (a batch stride of 2**31): decode, prefill, mass, compaction.
-         Run last, in its own process: an out-of-bounds access can poison the CUDA context.
+values     every kernel against its PyTorch reference, compiled, at production shapes: decode at batch
+           1 with 32k slots and head dim 128 (more than 16 splits), batch 4 with padded rows, GQA
+           group 7, fp16 with head dim 96, head dim 256 with softcap; prefill attention + lse + mass
+           through the autotuned path at 4k and 32k tokens and with chunked queries over invalid
+           slots; SnapKV window rows at 8k; compaction of 2,048 of 4,096 slots (bit-exact); KIVI
+           quantization bit-exact; the quantized (KIVI 4-bit) decode kernel at Llama-3-8B's shape.
+decode     fused decode attention + mass + score fold vs SDPA decode (the G query heads of a KV head
+           as G query rows), 8k/32k slots, batch 1 and 8, 32/8 heads, dim 128, bf16; plain launches
+           and CUDA graphs. Target <= 1.2x.
+prefill    attention + log-sum-exp + mass of every row vs SDPA causal prefill, 8k and 32k tokens.
+           Target <= 1.6x (attention at SDPA's speed, the mass pass at issue 3's 0.6x).
+quantized  the KIVI 4-bit decode kernel (attention + logits for the mass) vs its PyTorch reference
+           (dequantize, then attention) and vs SDPA over the same slots in bf16, Llama-3-8B heads,
+           8k/32k slots. Reported, no target.
+e2e        Llama-3-8B shapes with random bf16 weights, a 32k-token prompt, greedy decoding:
+           PrunedCache(H2O(budget=2048)) (also with slack=64) vs DynamicCache, median ms per new
+           token (target: faster); and the same H2O generation with KVPRESS_TRITON=0 (the PyTorch
+           path) fed the kernel path's tokens, compared logits and tokens step by step.
+int64      offsets past 2**31 elements reached with strides below 2**31 (strided views of one
+           storage, and tensors of more than 2**31 elements): decode, prefill attention + mass,
+           compaction, quantized decode. Run last, in its own process: an out-of-bounds access can
+           poison the CUDA context.
 
 Each value check prints `PASS name` or `FAIL name: why`; a section that raises is one FAIL. With
 `--results FILE` the lines are also appended there (gpu_check.sh counts them). `--dry-run` runs
@@ -34,7 +43,9 @@ if "--dry-run" in sys.argv:  # before triton is imported: kernels are decorated 
 
 import argparse
 import dataclasses
+import functools
 import importlib
+import statistics
 import time
 import traceback
 import warnings
@@ -68,6 +79,36 @@ PREFILL_TARGET = 1.6
 
 
 @dataclasses.dataclass
+class Quantized:
+    """A KIVI-quantized layer for the quantized decode kernel: `slots` quantized slots plus
+    `residual` full-precision ones, `bits`, groups of `group` (KVQuant's defaults: 4, 32, 128)."""
+
+    slots: int
+    residual: int = 128
+    bits: int = 4
+    group: int = 32
+    dim: int = 128
+
+
+@dataclasses.dataclass
+class Probe:
+    """Sizes of the int64 probe. `far`: the element offset every probed tensor reaches (2**31 on a
+    GPU); strides stay below it. `slots`, `queries`: the strided views' cache and prefill lengths;
+    `blocks`: the prefill tiles (fixed: no autotuning on these shapes);
+    `split`: the decode split of the slot-strided view (its last split starts past `far`);
+    `rows_queries`: prefill length of the tensors of more than `far` elements (batch from `far`);
+    `quant_slots`: quantized slots per KV head of the quantized-decode probe."""
+
+    far: int
+    slots: int
+    queries: int
+    split: int
+    rows_queries: int
+    quant_slots: int
+    blocks: tuple[int, int]
+
+
+@dataclasses.dataclass
 class Scale:
     """Sizes of one run: production on a GPU, tiny in the interpreter (`--dry-run`)."""
 
@@ -75,6 +116,7 @@ class Scale:
     long: int  # decode slots at batch 1
     short: int  # decode slots at batch 4
     prefill: int  # tokens of the autotuned prefill check
+    prefill_long: int  # tokens of the long prefill check (32k on a GPU)
     window_slots: int  # SnapKV check
     window: int
     chunk: int  # chunked prefill: queries over `prefill` slots
@@ -85,27 +127,31 @@ class Scale:
     heads: tuple[int, int]  # query heads, KV heads
     group7: tuple[int, int]  # heads of the GQA group-7 check
     wide: tuple[int, int]  # heads of the head-dim-256 check
+    quantized: Quantized  # the quantized decode value check (batch 1)
     bench_decode: tuple[int, ...]
     bench_prefill: tuple[int, ...]
+    bench_quantized: tuple[int, ...]
     prompt: int
     budget: int
-    int64_stride: int  # batch stride of the overflow probe, in elements
-    int64_shape: tuple[int, int, int, int]  # KV heads, slots, head dim, queries of the probe
+    probe: Probe
     model: dict
 
 
-GPU = Scale(torch.device("cuda"), long=32768, short=8192, prefill=4096, window_slots=8192, window=64, chunk=1024,
-            compact=(2048, 4096), kivi_rows=8192, split_size=None, min_splits=16, heads=(32, 8),
-            group7=(28, 4), wide=(16, 8),
-            bench_decode=(8192, 32768), bench_prefill=(8192, 32768), prompt=32768, budget=2048,
-            int64_stride=2**31 + 4096, int64_shape=(8, 256, 128, 64),
-            model={"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-                   "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0})
-DRY = Scale(torch.device("cpu"), long=300, short=90, prefill=40, window_slots=70, window=5, chunk=16,
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "vocab_size": 128256, "rope_theta": 500000.0}
+GPU = Scale(torch.device("cuda"), long=32768, short=8192, prefill=4096, prefill_long=32768, window_slots=8192,
+            window=64, chunk=1024, compact=(2048, 4096), kivi_rows=8192, split_size=None, min_splits=16,
+            heads=(32, 8), group7=(28, 4), wide=(16, 8), quantized=Quantized(slots=32768),
+            bench_decode=(8192, 32768), bench_prefill=(8192, 32768), bench_quantized=(8192, 32768),
+            prompt=32768, budget=2048,
+            probe=Probe(far=2**31, slots=4096, queries=1024, split=512, rows_queries=2048, quant_slots=65536,
+                        blocks=(64, 64)),
+            model=LLAMA3_8B)
+DRY = Scale(torch.device("cpu"), long=300, short=90, prefill=40, prefill_long=72, window_slots=70, window=5, chunk=16,
             compact=(20, 45), kivi_rows=32, split_size=64, min_splits=4, heads=(4, 2),
-            group7=(7, 1), wide=(2, 1),
-            bench_decode=(128,), bench_prefill=(32,), prompt=64, budget=40, int64_stride=4096,
-            int64_shape=(2, 48, 16, 16),
+            group7=(7, 1), wide=(2, 1), quantized=Quantized(slots=72, residual=8, group=8, dim=32),
+            bench_decode=(128,), bench_prefill=(32,), bench_quantized=(64,), prompt=64, budget=40,
+            probe=Probe(far=4096, slots=48, queries=32, split=64, rows_queries=16, quant_slots=40, blocks=(16, 16)),
             model={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
                    "vocab_size": 101})
 
@@ -257,6 +303,52 @@ def check_kivi(scale: Scale):
                   f"dequantized values {dtype} {bits}-bit", atol=1e-6, rtol=torch.finfo(dtype).eps)
 
 
+QUANTIZED_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4, "relative": 1e-4}  # fp32 outputs, sums in another order
+SCALE_ARGUMENTS = (2, 3, 6, 7)  # key scale, key zero, value scale, value zero
+
+
+def in_fp32(args: tuple) -> tuple:
+    """The quantized decode kernel's arguments with fp32 scales and zeros, for the reference: the kernel
+    dequantizes in fp32, the reference in the scales' dtype (bf16 rounding of every key and value
+    would dominate the comparison; converting bf16 to fp32 is exact)."""
+    return tuple(a.float() if i in SCALE_ARGUMENTS else a for i, a in enumerate(args))
+
+
+def quantized_layer(scale: Scale, batch: int, slots: int, keep: float = 0.9):
+    """Arguments of the quantized decode kernel for a KIVI layer made by kvpress.kivi from random
+    keys and values: `slots` quantized slots (a fraction `1 - keep` of them evicted, as holes) and
+    `residual` full-precision ones, Llama-3-8B's heads on a GPU."""
+    from kvpress import kivi as primitives
+
+    q_heads, kv_heads = scale.heads
+    layer, device = scale.quantized, scale.device
+    generator = torch.Generator(device=device).manual_seed(slots)
+    random = lambda *shape: torch.randn(*shape, generator=generator, device=device, dtype=torch.bfloat16)
+    keys, values = random(batch, kv_heads, slots, layer.dim), random(batch, kv_heads, slots, layer.dim)
+    key_codes, key_scale, key_zero, counts = primitives.quantize_key_blocks(keys, layer.bits, layer.group)
+    value_codes, value_scale, value_zero = primitives.quantize_values(values, layer.bits, layer.group)
+    block = primitives.block_of_slot(counts.expand(batch, kv_heads, -1), slots)
+    valid = torch.rand(batch, kv_heads, slots + layer.residual, generator=generator, device=device) < keep
+    valid[..., slots:] = True
+    query = random(batch, q_heads, layer.dim)
+    return (query, key_codes, key_scale, key_zero, block, value_codes, value_scale, value_zero,
+            random(batch, kv_heads, layer.residual, layer.dim), random(batch, kv_heads, layer.residual, layer.dim),
+            valid)
+
+
+def check_quantized_decode(scale: Scale, batch: int = 1):
+    layer = scale.quantized
+    args = quantized_layer(scale, batch, layer.slots)
+    kwargs = {"scaling": layer.dim ** -0.5, "bits": layer.bits, "return_logits": True}
+    out, logits, lse = kivi.quantized_decode_attention_triton(*args, **kwargs)
+    ref_out, ref_logits, ref_lse = kivi.quantized_decode_attention_reference(*in_fp32(args), **kwargs)
+    close(out, ref_out, "output", **QUANTIZED_TOLERANCE)
+    seen = torch.isfinite(ref_logits)
+    assert torch.equal(torch.isfinite(logits), seen), "logits: -inf where a slot is not valid, finite elsewhere"
+    close(logits[seen], ref_logits[seen], "logits", atol=1e-4, rtol=1e-5)
+    close(lse, ref_lse, "log-sum-exp", atol=1e-4, rtol=1e-5)
+
+
 def values_section(scale: Scale, report: Report) -> None:
     q_heads, kv_heads = scale.heads
     bf16, fp16 = torch.bfloat16, torch.float16
@@ -271,60 +363,229 @@ def values_section(scale: Scale, report: Report) -> None:
                  lambda: check_decode(scale, 1, *scale.wide, scale.short, 256, bf16, softcap=50.0))
     report.check(f"prefill {scale.prefill} tokens, attention + lse + mass (autotuned tiles on a GPU)",
                  lambda: check_prefill(scale, scale.prefill, scale.prefill, 128, bf16, keep=1.0, padded=False))
+    report.check(f"prefill {scale.prefill_long} tokens, attention + lse + mass (autotuned tiles on a GPU)",
+                 lambda: check_prefill(scale, scale.prefill_long, scale.prefill_long, 128, bf16, keep=1.0,
+                                       padded=False))
     report.check(f"prefill chunk of {scale.chunk} queries over {scale.prefill} slots, 30% invalid, padded rows",
                  lambda: check_prefill(scale, scale.chunk, scale.prefill, 128, bf16, keep=0.7, padded=True))
     report.check(f"SnapKV window of {scale.window} rows over {scale.window_slots} slots",
                  lambda: check_window(scale))
     report.check(f"compaction of {scale.compact[0]} of {scale.compact[1]} slots", lambda: check_compaction(scale))
     report.check("KIVI quantize bit-exact (2/4/8 bits, bf16/fp16)", lambda: check_kivi(scale))
+    layer = scale.quantized
+    report.check(f"KIVI {layer.bits}-bit decode kernel, {q_heads}/{kv_heads} heads, head dim {layer.dim}, "
+                 f"{layer.slots} quantized + {layer.residual} residual slots, 10% evicted",
+                 lambda: check_quantized_decode(scale))
 
 
 def int64_section(scale: Scale, report: Report) -> None:
-    """Tensors whose batch 1 starts `int64_stride` elements in: every offset past 2**31 on a GPU."""
-    device, stride = scale.device, scale.int64_stride
-    kv_heads, slots, dim, q_len = scale.int64_shape
-    per_batch = kv_heads * slots * dim
-    storage = torch.zeros(stride + 2 * per_batch, device=device, dtype=torch.bfloat16)
-    storage[stride:] = torch.randn(2 * per_batch, device=device, dtype=torch.bfloat16)
-    shape, strides = (2, kv_heads, slots, dim), (stride, slots * dim, dim, 1)
-    key = storage.as_strided(shape, strides)
-    value = storage.as_strided(shape, strides, per_batch)  # batch 1 right after key's
-    query = torch.randn(2, 4 * kv_heads, q_len, dim, device=device, dtype=torch.bfloat16)
-    valid = torch.ones(2, kv_heads, slots, dtype=torch.bool, device=device)
-    far = lambda t: t[1:].contiguous()  # batch 1, copied next to the start: the reference
-    blocks = None if device.type == "cuda" else (16, 16)
+    """Offsets past `far` = 2**31 elements with every stride below it, so the kernels' own int64
+    casts are what is tested (a stride of 2**31 or more reaches a kernel as an i64 argument and
+    makes the product 64-bit anyway). Where each kernel's large offsets come from:
 
-    def decode():
-        out, mass = decode_module.decode_attention_triton(query[:, :, -1:], key, value, valid, scaling=0.1,
-                                                          weights=torch.ones(1, device=device))
-        ref_out, ref_mass = decode_module.decode_attention_reference(far(query[:, :, -1:]), far(key), far(value),
-                                                                     far(valid), scaling=0.1,
-                                                                     weights=torch.ones(1, device=device))
-        close(out[1:], ref_out, "decode output", **OUTPUT_TOLERANCE[torch.bfloat16])
-        close(mass[1:], ref_mass, "decode mass", **MASS_TOLERANCE)
+    - decode: `b * stride_kb` and `h * stride_kh` (b, h from the int64 program id), and
+      `start * stride_ks` (the split's first slot, cast to int64); the tile then advances a 64-bit
+      pointer;
+    - prefill attention: `b`, `h` as decode, the query rows `first * stride_qm` (cast), and the
+      output of more than 2**31 elements the launcher allocates (`b * stride_ob`); the slot loop
+      advances a 64-bit pointer; prefill mass: `b`, `h`, the key tile `(tile * BLOCK_N) * stride_ks`
+      (cast) and the query rows `first_row * stride_qm` (cast);
+    - compaction: `b`, `h`, the kept slot `src * stride_ks` (loaded, cast) and the output rows
+      `(bh * K + j) * D` (an output of more than 2**31 elements);
+    - quantized decode: the packed codes' rows `(head * N + n) * D * bits / 8` (head from the int64
+      program id); its launcher makes every operand contiguous, so only a layer of more than 2**31
+      code bytes reaches them.
 
-    def prefill():
-        out, lse = attention_with_lse_triton(query, key, value, valid, scaling=0.1, blocks=blocks)
-        ref_out, _ = attention_with_lse_reference(far(query), far(key), far(value), far(valid), scaling=0.1)
-        close(out[1:], ref_out, "prefill output", **OUTPUT_TOLERANCE[torch.bfloat16])
-        mass = prefill_mass_triton(query, key, valid, scaling=0.1, weights=torch.ones(q_len, device=device),
-                                   lse=lse, blocks=blocks)
-        ref_mass = prefill_mass_reference(far(query), far(key), far(valid), scaling=0.1,
-                                          weights=torch.ones(q_len, device=device))
-        close(mass[1:], ref_mass, "prefill mass", **MASS_TOLERANCE)
+    Strided views of one random storage of a little more than `far` elements (a slice of a larger
+    preallocated cache has such strides) reach the first kind: a batch stride of `far / 2`, a head
+    stride of `far / (Hkv - 1)`, a slot stride (slots-major, as transformers' [B, S, H, D] layout)
+    that puts the last decode split and the last key tiles past `far`, with prefill queries whose
+    rows are `far / 960` apart (the last 64-row query tile starts past `far`); each is compared in
+    full with the reference on contiguous copies. Tensors of more than `far` elements reach the rest (a query and output of 257 x
+    2048 rows x 32 heads x 128 on a GPU; a quantized layer of 65 x 8 KV heads x 65536 slots); their
+    first and last batch rows are compared. Offsets that need more memory than an H100 has are not
+    probed (docs/kernels.md lists them). GPU memory: about 5 GiB for the storage, then at most
+    about 12 GiB at a time."""
+    int64_strided_views(scale, report)
+    empty_cache(scale.device)
+    int64_large_tensors(scale, report)
 
-    def compaction():
-        positions = torch.arange(slots, device=device).expand(2, kv_heads, slots)
-        scores = torch.rand(2, kv_heads, slots, device=device)
-        indices = torch.arange(0, slots, 2, device=device).expand(2, kv_heads, slots // 2)
-        got = compact_slots_triton(key, value, positions, scores, indices)
-        equal(got[0][1:], far(key)[:, :, ::2], "kept keys of batch 1")
-        equal(got[1][1:], far(value)[:, :, ::2], "kept values of batch 1")
 
-    offset = f"batch stride {stride} elements"
-    report.check(f"int64 offsets: decode, {offset}", decode)
-    report.check(f"int64 offsets: prefill attention + mass, {offset}", prefill)
-    report.check(f"int64 offsets: compaction, {offset}", compaction)
+def int64_strided_views(scale: Scale, report: Report, dim: int | None = None) -> None:
+    """The first half of the int64 probe: strided views of one storage (see `int64_section`)."""
+    device, probe = scale.device, scale.probe
+    far, dim = probe.far, dim or (128 if device.type == "cuda" else 16)
+    q_heads, kv_heads = scale.heads
+    dtype = torch.bfloat16
+    ones = lambda n: torch.ones(n, device=device)
+
+    def strided_views():
+        """(name, shape, strides, decode split, the stride that reaches past `far`, query row stride) of
+        key views; the slots-major view also takes its prefill queries from the storage, rows far apart."""
+        slots, split = probe.slots, probe.split
+        last_start = 8 * split  # the ninth decode split starts past far
+        slot_stride = max(triton.cdiv(far, last_start), kv_heads * dim)
+        batch_stride, head_stride = far // 2 + dim, triton.cdiv(far, kv_heads - 1) + dim
+        query_stride = max(triton.cdiv(far, last_query_tile), q_heads * dim)
+        return [("batch stride", (3, kv_heads, slots, dim), (batch_stride, slots * dim, dim, 1), None, batch_stride,
+                 None),
+                ("head stride", (1, kv_heads, slots, dim), (dim, head_stride, dim, 1), None, head_stride, None),
+                ("slot stride (slots-major)", (1, kv_heads, last_start + 64, dim), (dim, dim, slot_stride, 1), split,
+                 slot_stride, query_stride)]
+
+    blocks = probe.blocks
+    last_query_tile = (probe.queries - 1) // blocks[0] * blocks[0]  # first row of the last query tile
+    assert last_query_tile > 0, f"the probe needs more than one query tile ({blocks[0]} rows)"
+    views = strided_views()
+    extent = lambda shape, strides: sum((n - 1) * st for n, st in zip(shape, strides)) + 1
+    query_view = lambda q_stride: ((1, q_heads, probe.queries, dim), (dim, dim, q_stride, 1))
+    value_shift = dim // 2  # values: the same views, half a row further (other numbers than the keys)
+    size = max(max(extent(shape, strides), extent(*query_view(q_stride)) if q_stride else 0)
+               for _, shape, strides, _, _, q_stride in views) + value_shift
+    for name, shape, strides, _, _, q_stride in views:
+        assert max(strides) < 2**31 and extent(shape, strides) > far, (name, strides)
+        assert q_stride is None or (q_stride < 2**31 and last_query_tile * q_stride >= far), (name, q_stride)
+    generator = torch.Generator(device=device).manual_seed(64)
+    storage = torch.randn(size, generator=generator, device=device, dtype=dtype)  # freed on return
+
+    def inputs(shape, strides, q_len, q_stride=None):
+        key = storage.as_strided(shape, strides)
+        value = storage.as_strided(shape, strides, value_shift)
+        if q_stride is None:
+            query = torch.randn(shape[0], q_heads, q_len, dim, generator=generator, device=device, dtype=dtype)
+        else:  # query rows q_stride apart: the last query tile starts past far
+            query = storage.as_strided(*query_view(q_stride))
+        valid = torch.rand(*shape[:3], generator=generator, device=device) < 0.9
+        valid[..., -q_len:] = True
+        return query, key, value, valid
+
+    def decode(shape, strides, split):
+        query, key, value, valid = inputs(shape, strides, 1)
+        kwargs = {"scaling": dim ** -0.5, "weights": ones(1)}
+        out, mass = decode_module.decode_attention_triton(query, key, value, valid, split_size=split, **kwargs)
+        if split is not None:
+            splits = decode_module.split_count(shape[2], split)
+            assert (splits - 1) * split * strides[2] >= far, "the last split must start past 2**31 elements"
+        ref_out, ref_mass = decode_module.decode_attention_reference(query, key.contiguous(), value.contiguous(), valid,
+                                                                     **kwargs)
+        close(out, ref_out, "decode output", **OUTPUT_TOLERANCE[dtype])
+        close(mass, ref_mass, "decode mass", **MASS_TOLERANCE)
+
+    def prefill(shape, strides, q_stride):
+        q_len = probe.queries
+        query, key, value, valid = inputs(shape, strides, q_len, q_stride)
+        kwargs = {"scaling": dim ** -0.5}
+        out, lse = attention_with_lse_triton(query, key, value, valid, blocks=blocks, **kwargs)
+        copies = query.contiguous(), key.contiguous(), value.contiguous()
+        ref_out, ref_lse = attention_with_lse_reference(*copies, valid, **kwargs)
+        close(out, ref_out, "prefill output", **OUTPUT_TOLERANCE[dtype])
+        close(lse, ref_lse, "log-sum-exp", atol=1e-3, rtol=1e-5)
+        mass = prefill_mass_triton(query, key, valid, weights=ones(q_len), lse=lse, blocks=blocks, **kwargs)
+        ref_mass = prefill_mass_reference(*copies[:2], valid, weights=ones(q_len), **kwargs)
+        close(mass, ref_mass, "prefill mass", **MASS_TOLERANCE)
+
+    def compaction(shape, strides):
+        _, key, value, valid = inputs(shape, strides, 1)
+        batch, heads, slots = shape[:3]
+        positions = torch.arange(slots, device=device).expand(batch, heads, slots)
+        scores = torch.rand(batch, heads, slots, generator=generator, device=device)
+        order = torch.rand(batch, heads, slots, generator=generator, device=device).argsort(-1)
+        indices = order[..., : slots // 2].sort(-1).values
+        indices[..., -1] = slots - 1  # the farthest slot
+        got = compact_slots_triton(key, value, positions, scores, indices, valid)
+        want = compact_slots_reference(key.contiguous(), value.contiguous(), positions, scores, indices, valid)
+        for what, a, b in zip(("keys", "values", "positions", "scores", "valid"), got, want):
+            equal(a, b, what)
+
+    for name, shape, strides, split, stride, q_stride in views:
+        where = f"{name} {stride}, largest offset {extent(shape, strides) - 1} elements"
+        rows = f", query row stride {q_stride}" if q_stride else ""
+        report.check(f"int64 offsets: decode, {where}", functools.partial(decode, shape, strides, split))
+        report.check(f"int64 offsets: prefill attention + mass, {where}{rows}",
+                     functools.partial(prefill, shape, strides, q_stride))
+        report.check(f"int64 offsets: compaction, {where}", functools.partial(compaction, shape, strides))
+
+
+def int64_large_tensors(scale: Scale, report: Report) -> None:
+    """The second half of the int64 probe: tensors of more than `far` elements, all strides small,
+    batch rows past `far` (see `int64_section`)."""
+    device, probe = scale.device, scale.probe
+    far, dim = probe.far, (128 if device.type == "cuda" else 16)
+    q_heads, kv_heads = scale.heads
+    dtype = torch.bfloat16
+    ones = lambda n: torch.ones(n, device=device)
+    blocks = probe.blocks
+    q_len = probe.rows_queries
+    rows_batch = far // (q_len * q_heads * dim) + 1
+
+    def prefill_rows():
+        query = torch.randn(rows_batch, q_len, q_heads, dim, device=device, dtype=dtype).transpose(1, 2)
+        key = torch.randn(rows_batch, kv_heads, q_len, dim, device=device, dtype=dtype)
+        value = torch.randn_like(key)
+        valid = torch.ones(rows_batch, kv_heads, q_len, dtype=torch.bool, device=device)
+        kwargs = {"scaling": dim ** -0.5}
+        out, lse = attention_with_lse_triton(query, key, value, valid, blocks=blocks, **kwargs)
+        assert out.numel() > far, "the output must pass 2**31 elements"
+        mass = prefill_mass_triton(query, key, valid, weights=ones(q_len), lse=lse, blocks=blocks, **kwargs)
+        for b in (0, rows_batch - 1):
+            rows = slice(b, b + 1)
+            ref_out, ref_lse = attention_with_lse_reference(query[rows], key[rows], value[rows], valid[rows], **kwargs)
+            close(out[rows], ref_out, f"output of batch row {b}", **OUTPUT_TOLERANCE[dtype])
+            close(lse[rows], ref_lse, f"log-sum-exp of batch row {b}", atol=1e-3, rtol=1e-5)
+            ref_mass = prefill_mass_reference(query[rows], key[rows], valid[rows], weights=ones(q_len), **kwargs)
+            close(mass[rows], ref_mass, f"mass of batch row {b}", **MASS_TOLERANCE)
+        del out
+        # compaction: the query as a [B, Hq, S, D] cache (slot stride Hq * D), every slot kept in reverse
+        # order: an output of more than far elements
+        positions = torch.arange(q_len, device=device).expand(rows_batch, q_heads, q_len)
+        scores = torch.rand(q_len, device=device).expand(rows_batch, q_heads, q_len)
+        small_values = torch.randn(rows_batch, q_heads, q_len, 16, device=device, dtype=dtype)
+        indices = torch.arange(q_len - 1, -1, -1, device=device).expand(rows_batch, q_heads, q_len)
+        got = compact_slots_triton(query, small_values, positions, scores, indices)
+        assert got[0].numel() > far, "the kept keys must pass 2**31 elements"
+        for b in (0, rows_batch - 1):
+            rows = slice(b, b + 1)
+            want = compact_slots_reference(query[rows], small_values[rows], positions[rows], scores[rows],
+                                           indices[rows])
+            for what, a, c in zip(("keys", "values", "positions", "scores"), got, want):
+                equal(a[rows], c, f"kept {what} of batch row {b}")
+
+    def quantized_rows():
+        layer = Quantized(slots=probe.quant_slots, residual=32, dim=dim if device.type == "cuda" else 32,
+                          group=32 if device.type == "cuda" else 8)
+        packed = layer.dim * layer.bits // 8
+        batch = far // (kv_heads * layer.slots * packed) + 1
+        shape = (batch, kv_heads, layer.slots)
+        blocks_per_head = triton.cdiv(layer.slots, layer.group)
+        codes = lambda: torch.randint(0, 256, (*shape, packed), device=device, dtype=torch.uint8)
+        params = lambda *s: (torch.rand(*s, device=device) * 0.1).to(dtype)
+        key_codes, value_codes = codes(), codes()
+        assert key_codes.numel() > far, "the codes must pass 2**31 bytes"
+        block = (torch.arange(layer.slots, device=device) // layer.group).expand(shape)
+        args = (torch.randn(batch, q_heads, layer.dim, device=device, dtype=dtype), key_codes,
+                params(batch, kv_heads, blocks_per_head, layer.dim), params(batch, kv_heads, blocks_per_head, layer.dim),
+                block, value_codes, params(*shape, layer.dim // layer.group), params(*shape, layer.dim // layer.group),
+                torch.randn(batch, kv_heads, layer.residual, layer.dim, device=device, dtype=dtype),
+                torch.randn(batch, kv_heads, layer.residual, layer.dim, device=device, dtype=dtype),
+                torch.rand(batch, kv_heads, layer.slots + layer.residual, device=device) < 0.9)
+        kwargs = {"scaling": layer.dim ** -0.5, "bits": layer.bits, "return_logits": True}
+        out, _, lse = kivi.quantized_decode_attention_triton(*args, **kwargs)
+        for b in (0, batch - 1):
+            ref_out, _, ref_lse = kivi.quantized_decode_attention_reference(*in_fp32([a[b:b + 1] for a in args]),
+                                                                            **kwargs)
+            close(out[b:b + 1], ref_out, f"output of batch row {b}", **QUANTIZED_TOLERANCE)
+            close(lse[b:b + 1], ref_lse, f"log-sum-exp of batch row {b}", atol=1e-4, rtol=1e-5)
+
+    report.check(f"int64 offsets: prefill attention + mass and compaction, {rows_batch} x {q_len} rows x {q_heads} "
+                 f"heads x {dim} (more than {far} elements, batch stride {q_len * q_heads * dim})", prefill_rows)
+    empty_cache(device)
+    report.check(f"int64 offsets: quantized decode, {probe.quant_slots} slots x {kv_heads} KV heads, codes of more "
+                 f"than {far} bytes", quantized_rows)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---- timings ----
@@ -426,6 +687,101 @@ def prefill_section(scale: Scale, report: Report) -> None:
     report.timings += rows
 
 
+def quantized_section(scale: Scale, report: Report) -> None:
+    """The KIVI decode kernel (output, logits and log-sum-exp for the mass) vs its PyTorch reference and
+    vs SDPA decode over the same slots in bf16: what quantized storage costs per step. No target."""
+    q_heads, kv_heads = scale.heads
+    layer = scale.quantized
+    rows = []
+    for slots in scale.bench_quantized:
+        args = quantized_layer(scale, 1, slots)
+        kwargs = {"scaling": layer.dim ** -0.5, "bits": layer.bits, "return_logits": True}
+        query = args[0].view(1, kv_heads, q_heads // kv_heads, layer.dim)
+        key = torch.randn(1, kv_heads, slots + layer.residual, layer.dim, device=scale.device, dtype=torch.bfloat16)
+        value = torch.randn_like(key)
+        kernel = functools.partial(kivi.quantized_decode_attention_triton, *args, **kwargs)
+        reference = functools.partial(kivi.quantized_decode_attention_reference, *args, **kwargs)
+        sdpa = functools.partial(F.scaled_dot_product_attention, query, key, value, scale=kwargs["scaling"])
+        for fn in (kernel, reference, sdpa):
+            fn()
+        times = [milliseconds(fn) for fn in (sdpa, reference, kernel)]
+        rows.append([slots, *times, times[2] / times[1], times[2] / times[0]])
+    table(f"Quantized decode: KIVI {layer.bits}-bit kernel vs its PyTorch reference and vs SDPA over bf16 (ms, "
+          f"batch 1, {q_heads}/{kv_heads} heads, dim {layer.dim}, {layer.residual} residual slots)",
+          ["slots", "SDPA bf16", "reference", "kernel", "kernel / reference", "kernel / SDPA"], rows)
+
+
+# ||kernel-path logits - PyTorch-path logits|| / ||PyTorch-path logits|| at every step of the generation:
+# bf16 weights and caches through 32 layers on a GPU, fp32 in the dry run
+E2E_RELATIVE = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
+NEAR_TIE = 4.0  # a token the two paths choose differently: PyTorch's margin within 4x the RMS logit difference
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def greedy(model, ids, cache, steps: int, forced: torch.Tensor | None = None):
+    """The prompt, then `steps - 1` decoding steps fed the greedy choice (or `forced [steps]`, another
+    run's tokens, so two runs see the same inputs). Returns the choices `[steps]`, the logits of every
+    step `[steps, V]` fp32, the prefill's seconds and each decoding step's seconds."""
+    device = ids.device
+    sync(device)
+    start = time.perf_counter()
+    logits = [model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()]
+    sync(device)
+    prefill = time.perf_counter() - start
+    step_seconds = []
+    for step in range(1, steps):
+        token = forced[step - 1].view(1, 1) if forced is not None else logits[-1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        logits.append(model(token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
+        sync(device)
+        step_seconds.append(time.perf_counter() - start)
+    logits = torch.cat(logits)
+    return logits.argmax(-1), logits, prefill, step_seconds
+
+
+def compare_paths(tokens, logits, reference_logits, tolerance: float) -> str:
+    """The kernel path's generation against the PyTorch path fed the same tokens: the relative logit
+    error of every step within `tolerance`, and every token chosen differently a near tie (the
+    PyTorch path's margin between its choice and the kernel path's within NEAR_TIE x the RMS logit
+    difference of that step). Returns the agreement, for the report."""
+    difference = logits - reference_logits
+    relative = difference.norm(dim=-1) / reference_logits.norm(dim=-1)  # [steps]
+    rms = difference.pow(2).mean(-1).sqrt()
+    reference_tokens = reference_logits.argmax(-1)
+    steps = torch.nonzero(tokens != reference_tokens).flatten().tolist()
+    margins = [float(reference_logits[i, reference_tokens[i]] - reference_logits[i, tokens[i]]) for i in steps]
+    worst = int(relative.argmax())
+    summary = (f"{len(tokens) - len(steps)}/{len(tokens)} tokens equal; relative logit error max "
+               f"{float(relative.max()):.1e} (step {worst}, tolerance {tolerance:.0e})")
+    if steps:
+        summary += "; chosen differently at steps " + ", ".join(
+            f"{i} (margin {m:.3f}, RMS difference {float(rms[i]):.3f})" for i, m in zip(steps[:8], margins))
+    print(f"kernel path vs PyTorch path: {summary}", flush=True)
+    assert float(relative.max()) <= tolerance, f"relative logit error {float(relative.max()):.2e} at step " \
+        f"{worst} > {tolerance:.0e}"
+    far = [(i, m) for i, m in zip(steps, margins) if m > NEAR_TIE * float(rms[i])]
+    assert not far, f"tokens chosen differently away from a near tie: (step, margin) {far[:4]}"
+    return summary
+
+
+def route_decoding_to_the_kernel_in_the_interpreter() -> bool:
+    """Dry run: decoding steps of a pruned layer run the fused decode kernel in Triton's interpreter,
+    as they run it compiled on a GPU (the switches tests/test_hot_path.py sets); prefill and
+    compaction keep the PyTorch path on CPU tensors. `KVPRESS_TRITON=0` still turns it off."""
+    attention_path = importlib.import_module("kvpress.attention_path")
+    if not all(hasattr(attention_path, name) for name in ("fused_decode_fold", "FUSED_DECODE_BACKEND")):
+        print("dry run: kvpress.attention_path has no fused-decode switches; both runs take the PyTorch path")
+        return False
+    attention_path.fused_decode_fold = lambda query: os.environ.get("KVPRESS_TRITON", "1") != "0"
+    attention_path.FUSED_DECODE_BACKEND = "triton"
+    return True
+
+
 def e2e_section(scale: Scale, report: Report, layers: int, new_tokens: int) -> None:
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -446,49 +802,57 @@ def e2e_section(scale: Scale, report: Report, layers: int, new_tokens: int) -> N
     finally:
         torch.set_default_dtype(default_dtype)
     ids = torch.randint(0, config.vocab_size, (1, scale.prompt), device=device)
+    if device.type == "cpu" and route_decoding_to_the_kernel_in_the_interpreter():
+        print("dry run: decoding steps run the fused decode kernel (interpreted); prefill and compaction take "
+              "the PyTorch path on CPU")
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def run(make_cache, count):
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
-                           do_sample=False, past_key_values=make_cache(), pad_token_id=0)
-        sync()
-        return time.perf_counter() - start
-
-    makers = [("DynamicCache", DynamicCache),
-              (f"PrunedCache(H2O(budget={scale.budget}))", lambda: PrunedCache(H2O(budget=scale.budget))),
+    h2o = f"PrunedCache(H2O(budget={scale.budget}))"
+    makers = [("DynamicCache", DynamicCache), (h2o, lambda: PrunedCache(H2O(budget=scale.budget))),
               (f"PrunedCache(H2O(budget={scale.budget}), slack=64)",
                lambda: PrunedCache(H2O(budget=scale.budget), slack=64))]
-    rows = []
+    rows, kernel_run = [], None
     for name, make in makers:
-        run(make, 1 + new_tokens)  # warm-up at full length: every compile, autotune and compaction
-        t_one = run(make, 1)
-        t_many = run(make, 1 + new_tokens)
-        rows.append([name, t_one * 1000, (t_many - t_one) / new_tokens * 1000])
+        tokens, logits, prefill, steps = greedy(model, ids, make(), new_tokens)
+        rows.append([name, prefill * 1000, statistics.median(steps) * 1000])
+        if name == h2o:
+            kernel_run = (tokens, logits)
     base = rows[0][2]
     judge = lambda row: ("ok" if row[2] < base else "MISSED") if device.type == "cuda" else "- (dry run)"
     rows = [row + [row[2] / base, "-" if i == 0 else judge(row)] for i, row in enumerate(rows)]
     table(f"End to end: Llama-3-8B shapes, {layers} layers, random {str(dtype)[6:]} weights, {scale.prompt}-token "
-          f"prompt, batch 1, {new_tokens} greedy tokens (CUDA graphs: not applicable, both caches change "
-          f"shape every step)",
-          ["cache", "prefill + 1 token (ms)", "ms per new token", "vs DynamicCache", "target: faster"], rows)
+          f"prompt, batch 1, {new_tokens} greedy tokens (the first PrunedCache prefill includes the kernels' "
+          f"compiles and autotuning; CUDA graphs: not applicable, both caches change shape every step)",
+          ["cache", "prefill (ms)", "median ms per new token", "vs DynamicCache", "target: faster"], rows)
     report.timings += [[row[0], "plain", *row[1:]] for row in rows[1:]]
+
+    def kernel_path_equals_pytorch_path():
+        previous = os.environ.get("KVPRESS_TRITON")
+        os.environ["KVPRESS_TRITON"] = "0"
+        try:
+            _, reference_logits, prefill, steps = greedy(model, ids, PrunedCache(H2O(budget=scale.budget)), new_tokens,
+                                                         forced=kernel_run[0])
+        finally:
+            if previous is None:
+                del os.environ["KVPRESS_TRITON"]
+            else:
+                os.environ["KVPRESS_TRITON"] = previous
+        print(f"PyTorch path (KVPRESS_TRITON=0): prefill {prefill * 1000:.0f} ms, median "
+              f"{statistics.median(steps) * 1000:.1f} ms per new token", flush=True)
+        compare_paths(*kernel_run, reference_logits, E2E_RELATIVE[dtype])
+
+    report.check(f"end to end, {scale.prompt}-token prompt, {new_tokens} tokens: {h2o} on the kernels equals the "
+                 f"PyTorch path (KVPRESS_TRITON=0) fed the same tokens, logits within {E2E_RELATIVE[dtype]:.0e}, "
+                 f"any other choice a near tie", kernel_path_equals_pytorch_path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="values,decode,prefill,e2e")
+    parser.add_argument("--sections", default="values,decode,prefill,quantized,e2e")
     parser.add_argument("--results", help="append PASS/FAIL and timing-target lines to this file")
     parser.add_argument("--e2e-layers", type=int, default=32)
-    parser.add_argument("--e2e-tokens", type=int, default=64)
+    parser.add_argument("--e2e-tokens", type=int, default=32)
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     args = parser.parse_args()
-    # transformers 5.24 prefers `cache=`; `past_key_values=` works on 5.17 too
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("kernels_bench.py needs a CUDA GPU (or --dry-run)")
@@ -499,8 +863,9 @@ def main() -> None:
     report = Report(args.results)
     sections = {"values": lambda: values_section(scale, report), "int64": lambda: int64_section(scale, report),
                 "decode": lambda: decode_section(scale, report), "prefill": lambda: prefill_section(scale, report),
+                "quantized": lambda: quantized_section(scale, report),
                 "e2e": lambda: e2e_section(scale, report, args.e2e_layers if not args.dry_run else 2,
-                                           args.e2e_tokens if not args.dry_run else 4)}
+                                           args.e2e_tokens if not args.dry_run else 6)}
     for name in args.sections.split(","):
         if name not in sections:
             sys.exit(f"unknown section {name!r}; sections: {', '.join(sections)}")

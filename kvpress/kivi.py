@@ -56,8 +56,12 @@ def rows_of_blocks(table: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 
 def affine_params(low: torch.Tensor, high: torch.Tensor, levels: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (= the group minimum) stored in `dtype`."""
-    scale = ((high.float() - low.float()) / levels).to(dtype)
+    """Scale and zero point (= the group minimum) stored in `dtype`. The scale is the correctly rounded
+    fp32 quotient `(max - min) / levels`, as the Triton kernels' `div_rn` computes it: the divisor is a
+    tensor on the same device because ATen turns a division by a Python number into a multiplication
+    by `1 / levels` on CUDA, which differs from the quotient in the last bit for some ranges."""
+    divisor = torch.full((), levels, dtype=torch.float32, device=low.device)  # a fill, no host copy or sync
+    scale = ((high.float() - low.float()) / divisor).to(dtype)
     return scale, low.to(dtype)
 
 

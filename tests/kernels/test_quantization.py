@@ -121,3 +121,24 @@ def test_quantize_rounds_exact_ties_to_even_like_torch_round():
     keys = qk.quantize_keys_triton(x.T.reshape(1, 8, 4).contiguous(), 2)
     for a, b in zip(keys, qk.quantize_keys_reference(x.T.reshape(1, 8, 4).contiguous(), 2)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_reference_scale_is_the_correctly_rounded_quotient_the_kernels_compute(bits):
+    # (max - min) / levels rounded once, as the kernels' div_rn: ATen on CUDA turns a division by a
+    # Python number into a multiplication by 1 / levels, which differs in the last bit for about half
+    # of these ranges, so the reference divides by a tensor (on a GPU this test runs compiled there)
+    import numpy as np
+
+    levels = (1 << bits) - 1
+    x = torch.rand(64, 32, generator=torch.Generator().manual_seed(bits)) * 8
+    groups = x.reshape(64, 4, 8).numpy()
+    quotient = (groups.max(-1) - groups.min(-1)) / np.float32(levels)  # fp32, IEEE division
+    by_reciprocal = (groups.max(-1) - groups.min(-1)) * (np.float32(1) / np.float32(levels))
+    assert (quotient != by_reciprocal).any()  # the data tells the two roundings apart
+    x = x.to(DEVICE)
+    _, ref_scale, _ = qk.quantize_values_reference(x, bits, 8)
+    assert torch.equal(ref_scale.cpu(), torch.from_numpy(quotient))
+    packed, scale, zero = qk.quantize_values_triton(x, bits, 8)
+    ref_packed, _, ref_zero = qk.quantize_values_reference(x, bits, 8)
+    assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero) and torch.equal(packed, ref_packed)
