@@ -443,3 +443,18 @@ def test_scores_equal_the_deep_copy_reconstruction_within_fp32_rounding(monkeypa
         scores = layer.state(policy).scores
         torch.testing.assert_close(torch.where(valid, scores, 0.0), torch.where(valid, reference, 0.0),
                                    **SAME_AS_DEEP_COPY)
+
+
+@torch.no_grad()
+def test_the_reconstruction_only_reads_the_prefilled_cache_and_logits_to_keep_returns_the_last():
+    model = tiny_model("llama", "sdpa")
+    ids = random_ids(1, 40, seed=23)
+    plain = DynamicCache()
+    everything = model(ids, cache=plain, use_cache=True).logits
+    cache = PrunedCache(KVzip(budget=1.0, sinks=2, chunk_size=12, overlap=3))
+    last = kvzip_prefill(model, ids, cache, prompt=PROMPT, logits_to_keep=1)
+    assert last.shape == (1, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, everything[:, -1:])
+    for layer, reference in zip(cache.layers, plain.layers):  # nothing evicted, nothing repeated left
+        assert layer.num_slots == 40 and layer.seen == 40
+        assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
