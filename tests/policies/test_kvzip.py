@@ -331,3 +331,130 @@ def test_the_reply_prefix_switches_thinking_off_as_the_reference_does_for_qwen3(
     smollm2 = ReconstructionPrompt.from_tokenizer(smollm2_tokenizer)  # a template without the flag: unchanged
     assert smollm2.reply == smollm2_tokenizer.encode(SMOLLM2_REPLY, add_special_tokens=False)
     assert smollm2.template_prefix == smollm2_tokenizer.encode(SMOLLM2_PREFIX, add_special_tokens=False)
+
+
+# ---- the same scores as the deep-copy reconstruction, within fp32 rounding (issue 22, item 2) ----
+# The reference below is the reconstruction as KVzip ran it before its one-pass rewrite, written from the
+# paper's rule without the library: the prompt in a transformers DynamicCache, then per row and chunk a
+# deep copy of that cache, one forward of request + reply + chunk on the copy, and the softmax of every
+# recorded query over the reference's subsample (sinks, template prefix, the chunk's slots, the repeated
+# tokens up to its own), in fp32, maximised over rows and the KV group's query heads.
+
+SAME_AS_DEEP_COPY = {"rtol": 1e-5, "atol": 1e-7}  # fp32 rounding: the attention runs in another order
+
+
+def record_rotated_queries(monkeypatch, model) -> list:
+    """Queries after RoPE, one entry per attention layer and forward, in call order."""
+    import sys
+
+    family = sys.modules[type(model).__module__]
+    original = family.apply_rotary_pos_emb
+    calls = []
+
+    def spy(q, k, *args, **kwargs):
+        q_rot, k_rot = original(q, k, *args, **kwargs)
+        calls.append(q_rot.detach())
+        return q_rot, k_rot
+
+    monkeypatch.setattr(family, "apply_rotary_pos_emb", spy)
+    return calls
+
+
+@torch.no_grad()
+def deep_copy_scores(model, ids, mask, prompt, chunk_size, overlap, sinks, prefix, calls) -> dict:
+    """`{layer: [B, Hkv, T]}` fp32 for every full-attention layer (see the section's comment); `prefix`
+    tokens of each row's real tokens are kept whole and not repeated."""
+    config = model.config
+    full_layers = [i for i, kind in enumerate(getattr(config, "layer_types", None) or
+                                              ["full_attention"] * config.num_hidden_layers)
+                   if kind == "full_attention"]
+    batch, width = ids.shape
+    mask = torch.ones_like(ids) if mask is None else mask
+    prefilled = DynamicCache(config=config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model(ids, attention_mask=mask, position_ids=positions, cache=prefilled, use_cache=True)
+    heads = config.num_key_value_heads
+    scores = {i: torch.zeros(batch, heads, width) for i in full_layers}
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    for row in range(batch):
+        real = int(mask[row].sum())
+        first = width - real + prefix  # the context's first slot
+        context = ids[row, first:].tolist()
+        for start in range(0, len(context), chunk_size):
+            stop = min(len(context), start + chunk_size)
+            request = prompt.first if start == 0 else prompt.later + context[start - overlap:start]
+            repeat = torch.tensor([request + prompt.reply + context[start:stop]])
+            q = repeat.shape[1]
+            cache = copy.deepcopy(prefilled)
+            cache.batch_select_indices(torch.tensor([row]))
+            calls.clear()
+            model(repeat, attention_mask=torch.cat([mask[row:row + 1], torch.ones(1, q, dtype=mask.dtype)], -1),
+                  position_ids=torch.arange(real, real + q)[None], cache=cache, use_cache=True)
+            columns = [s for s in range(width - real, width)
+                       if s - (width - real) < max(sinks, prefix) or first + start <= s < first + stop]
+            for index in full_layers:
+                attention = model.model.layers[index].self_attn
+                queries = calls[index][0]  # [Hq, q, D]
+                keys = cache.layers[index].keys[0]  # [Hkv, width + q, D]
+                group = queries.shape[0] // keys.shape[0]
+                visible = keys[:, columns + list(range(width, width + q))].repeat_interleave(group, 0)
+                logits = queries @ visible.transpose(1, 2) * attention.scaling  # [Hq, q, C + q]
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                causal = torch.ones(q, q, dtype=torch.bool).tril()
+                logits[:, :, len(columns):] = logits[:, :, len(columns):].masked_fill(~causal, float("-inf"))
+                received = torch.softmax(logits, dim=-1)[:, :, :len(columns)].amax(1)  # [Hq, C]
+                received = received.view(heads, group, -1).amax(1)
+                best = scores[index][row][:, columns]
+                scores[index][row][:, columns] = torch.maximum(best, received)
+    return scores
+
+
+SCORE_CASES = {  # name: (family, attention, chunk_size, overlap, template prefix, padded batch)
+    "one_chunk": ("llama", "sdpa", 64, 0, False, False),
+    "chunks_with_overlap": ("llama", "sdpa", 12, 3, False, False),
+    "template_prefix_and_chunks": ("llama", "eager", 10, 3, True, False),
+    "padded_batch": ("llama", "sdpa", 9, 2, True, True),
+    "softcap_and_sliding_layers": ("gemma2", "eager", 11, 2, False, False),
+    "qwen3_query_norm": ("qwen3", "sdpa", 16, 4, True, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCORE_CASES))
+def test_scores_equal_the_deep_copy_reconstruction_within_fp32_rounding(monkeypatch, case):
+    from tiny_models import left_pad
+
+    family, attention, chunk_size, overlap, with_prefix, padded = SCORE_CASES[case]
+    model = tiny_model(family, attention)
+    prompt = PREFIXED if with_prefix else PROMPT
+    if padded:
+        ids, mask = left_pad([prefixed_ids(40, seed=20)[0], prefixed_ids(27, seed=21)[0]])
+    else:
+        ids, mask = (prefixed_ids(40, seed=22) if with_prefix else random_ids(1, 40, seed=22)), None
+    prefix = len(prompt.template_prefix)
+    calls = record_rotated_queries(monkeypatch, model)
+    expected = deep_copy_scores(model, ids, mask, prompt, chunk_size, overlap, 2, prefix, calls)
+    policy = KVzip(budget=1.0, sinks=2, chunk_size=chunk_size, overlap=overlap)
+    cache = PrunedCache(policy, config=model.config)
+    kvzip_prefill(model, ids, cache, attention_mask=mask, prompt=prompt)
+    for index, reference in expected.items():
+        layer = cache.layers[index]
+        valid = layer.valid
+        scores = layer.state(policy).scores
+        torch.testing.assert_close(torch.where(valid, scores, 0.0), torch.where(valid, reference, 0.0),
+                                   **SAME_AS_DEEP_COPY)
+
+
+@torch.no_grad()
+def test_the_reconstruction_only_reads_the_prefilled_cache_and_logits_to_keep_returns_the_last():
+    model = tiny_model("llama", "sdpa")
+    ids = random_ids(1, 40, seed=23)
+    plain = DynamicCache()
+    everything = model(ids, cache=plain, use_cache=True).logits
+    cache = PrunedCache(KVzip(budget=1.0, sinks=2, chunk_size=12, overlap=3))
+    last = kvzip_prefill(model, ids, cache, prompt=PROMPT, logits_to_keep=1)
+    assert last.shape == (1, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, everything[:, -1:])
+    for layer, reference in zip(cache.layers, plain.layers):  # nothing evicted, nothing repeated left
+        assert layer.num_slots == 40 and layer.seen == 40
+        assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
