@@ -230,7 +230,7 @@ def measure(model, tokenizer, task: str, ids, answer: str, reference, logits, ca
     else:
         cache = build_cache(parse_spec(spec_of(name, budget, model, ids.shape[1])))
         if cache.prefill_owner is not None:  # KVzip: scored by reconstruction forwards, no replay
-            logits = cache.prefill(model, ids, tokenizer=tokenizer)[0, -1]
+            logits = cache.prefill(model, ids, tokenizer=tokenizer, logits_to_keep=1)[0, -1]
         else:
             replay(calls, cache)
     row = {"policy": name, "budget": budget if name != "full" else 1.0, "task": task,

@@ -159,24 +159,31 @@ class PrunedCache(Cache):
         return next((member for member in self.chain if member.owns_prefill), None)
 
     def prefill(self, model, input_ids: torch.Tensor, *, tokenizer=None, attention_mask=None,
-                **options) -> torch.Tensor:
-        """Prefill the prompt `input_ids [B, T]` and compress it now; returns its logits `[B, T, V]`. A
-        policy that owns its prefill (KVzip) runs its own (the tokenizer builds KVzip's repeat request;
-        `options` go to it); any other gets one forward, then `end_prefill()`. To continue with
-        `generate`, prefill all but the last prompt token, then pass the full ids."""
+                logits_to_keep: int = 0, **options) -> torch.Tensor:
+        """Prefill the prompt `input_ids [B, T]` and compress it now; returns its logits `[B, T, V]` (the
+        last `logits_to_keep` positions' when given: 1 when only the next token is needed skips the LM
+        head over the prompt). A policy that owns its prefill (KVzip) runs its own (the tokenizer
+        builds KVzip's repeat request; `options` go to it); any other gets one forward, then
+        `end_prefill()`, and refuses `options`. To continue with `generate`, prefill all but the last
+        prompt token, then pass the full ids."""
         if input_ids.dim() != 2 or input_ids.shape[-1] == 0:
             raise ValueError(f"prefill: input_ids must be [batch, tokens] with at least one token, got shape "
                              f"{tuple(input_ids.shape)}")
+        check_int("prefill", "logits_to_keep", logits_to_keep, 0)
         owner = self.prefill_owner
         if owner is None:
+            if options:
+                raise ValueError(f"prefill: {', '.join(sorted(options))} apply to a policy that owns its prefill "
+                                 f"(KVzip); {type(self.policy).__name__ if self.policy else 'no policy'} takes none")
             with torch.no_grad():
-                logits = model(input_ids, attention_mask=attention_mask, cache=self, use_cache=True).logits
+                logits = model(input_ids, attention_mask=attention_mask, cache=self, use_cache=True,
+                               logits_to_keep=logits_to_keep).logits
             self.end_prefill()
             return logits
         self.shared.owner_prefill = True
         try:
             return owner.prefill(model, input_ids, self, tokenizer=tokenizer, attention_mask=attention_mask,
-                                 **options)
+                                 logits_to_keep=logits_to_keep, **options)
         finally:
             self.shared.owner_prefill = False
 

@@ -101,7 +101,7 @@ def prefill_context(model, ids: torch.Tensor, context_end: int, cache, tokenizer
     """Feed ``ids[:, :context_end]`` in one forward; the policy evicts at its end (a policy that owns
     its prefill runs its own: KVzip's reconstruction forwards, which need the ``tokenizer``)."""
     if owns_prefill(cache):
-        cache.prefill(model, ids[:, :context_end], tokenizer=tokenizer)
+        cache.prefill(model, ids[:, :context_end], tokenizer=tokenizer, logits_to_keep=1)
         return
     model(input_ids=ids[:, :context_end], cache=cache, use_cache=True, logits_to_keep=1)
 

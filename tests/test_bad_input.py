@@ -174,3 +174,15 @@ def test_numeric_command_line_options_name_the_option_and_the_range(argv, messag
 
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_prefill_options_of_kvzip_are_refused_by_other_policies_and_logits_to_keep_is_honoured(llama):
+    ids = random_ids(1, 12)
+    with pytest.raises(ValueError, match=r"prefill: context_start, prompt apply to a policy that owns its prefill"):
+        PrunedCache(H2O(budget=8, window=2)).prefill(llama, ids, prompt=RECONSTRUCTION, context_start=2)
+    with pytest.raises(ValueError, match=r"prefill: logits_to_keep must be an int >= 0, got -1"):
+        PrunedCache(H2O(budget=8, window=2)).prefill(llama, ids, logits_to_keep=-1)
+    full = PrunedCache(H2O(budget=8, window=2)).prefill(llama, ids)
+    last = PrunedCache(H2O(budget=8, window=2)).prefill(llama, ids, logits_to_keep=1)
+    assert full.shape[1] == 12 and last.shape[1] == 1
+    torch.testing.assert_close(last[:, 0], full[:, -1])
