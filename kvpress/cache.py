@@ -23,6 +23,8 @@ from kvpress.cache_report import CacheReport, LayerReport
 from kvpress.context import CrossLayerState, LayerContext, depth_in
 from kvpress.eviction import allocate_across_layers
 from kvpress.layer import PrunedLayer
+
+DECODING_MODES = ("bounded", "append")
 from kvpress.policy import EvictionPolicy
 from kvpress.quant_config import KVQuant
 from kvpress.selection import follows_the_budget
@@ -53,10 +55,16 @@ class PrunedCache(Cache):
     quantization: `KVQuant(bits, group_size, residual)` to store kept slots quantized (KIVI-style,
         kvpress/quantized.py); attention and policies read the dequantized slots. Without it, the policy
         chain chooses the storage (`QuantizedPruning`, wherever it stands in the chain).
+    decoding: "bounded" (default) keeps evicting while decoding, so memory stays at the budget however
+        long the generation (H2O's setting; long reasoning traces); "append" compresses the prompt once
+        and then appends every later token without eviction, as SnapKV, KVzip and NVIDIA's kvpress do
+        (one document, many questions: the compressed context stays whole). The prompt ends at the
+        first one-token forward, at `end_prefill()`, or when `prefill()` returns; `report()` says which
+        mode runs and whether a cross-layer allocation still waits for the end of the prompt.
     """
 
     def __init__(self, policy: EvictionPolicy | None = None, *, config=None, slack: int = 0,
-                 quantization: KVQuant | None = None):
+                 quantization: KVQuant | None = None, decoding: str = "bounded"):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             got = (f"the class {policy.__name__}; build one: PrunedCache({policy.__name__}(...))"
                    if isinstance(policy, type) else type(policy).__name__)
@@ -67,8 +75,14 @@ class PrunedCache(Cache):
         check_int("PrunedCache", "slack", slack, 0)
         if quantization is not None and not isinstance(quantization, KVQuant):
             raise ValueError(f"quantization must be a kvpress.KVQuant or None, got {type(quantization).__name__}")
+        if decoding not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
+        if decoding == "append" and policy is not None and policy.runs_decoder_layers:
+            raise ValueError(f"decoding='append' compresses the prompt's cache once; {type(policy).__name__} prunes "
+                             "the computation of the decoder layers and evicts nothing, so it takes 'bounded' only")
         super().__init__(layers=[])
         self.policy = policy
+        self.decoding = decoding
         self.chain = policy.chain() if policy is not None else []  # outermost first
         self.slack = slack
         self.quantization = quantization
@@ -89,7 +103,8 @@ class PrunedCache(Cache):
         return LayerContext(policy=self.policy, chain=tuple(self.chain), slack=self.slack,
                             quantization=self.quantization, pruned_index=pruned_index,
                             pruned_count=pruned_count, shared=self.shared,
-                            follows_budget=self.policy is None or follows_the_budget(self.policy))
+                            follows_budget=self.policy is None or follows_the_budget(self.policy),
+                            decoding=self.decoding)
 
     def _build_layers(self, config) -> None:
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
@@ -116,8 +131,8 @@ class PrunedCache(Cache):
         if layer_idx <= self._last_layer or self._last_layer < 0:  # a forward begins
             self.mask_from_sizes, self._mask_sizes_asked = self._mask_sizes_asked, False
         self._last_layer = layer_idx
-        if self.shared.allocation_pending and key_states.shape[-2] == 1:
-            self.end_prefill()
+        if key_states.shape[-2] == 1 and (self.shared.allocation_pending or not self.shared.prompt_done):
+            self.end_prefill()  # a one-token forward ends the prompt (a later turn's too)
         layer = self.layer_at(layer_idx)
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         if isinstance(layer, PrunedLayer):
@@ -182,10 +197,12 @@ class PrunedCache(Cache):
             return logits
         self.shared.owner_prefill = True
         try:
-            return owner.prefill(model, input_ids, self, tokenizer=tokenizer, attention_mask=attention_mask,
-                                 logits_to_keep=logits_to_keep, **options)
+            logits = owner.prefill(model, input_ids, self, tokenizer=tokenizer, attention_mask=attention_mask,
+                                   logits_to_keep=logits_to_keep, **options)
         finally:
             self.shared.owner_prefill = False
+        self.shared.prompt_done = True
+        return logits
 
     @property
     def prefill_pending(self) -> bool:
@@ -193,8 +210,11 @@ class PrunedCache(Cache):
         return self.shared.allocation_pending
 
     def end_prefill(self) -> None:
-        """Run a pending cross-layer allocation now. The cache calls it at the first decoding step;
-        call it yourself after a prefill-only forward to compact at once."""
+        """End the prompt: run a pending cross-layer allocation now, and from here a cache built with
+        `decoding="append"` evicts nothing. The cache calls it at the first decoding step; call it
+        yourself after a prefill-only forward to compact at once (before scoring a reference answer
+        with a teacher-forced multi-token forward, say, which would otherwise count as more prompt)."""
+        self.shared.prompt_done = True
         if self.shared.allocation_pending:
             self.shared.allocation_pending = False
             allocate_across_layers(self.policy, self.pruned_layers())
@@ -284,4 +304,5 @@ class PrunedCache(Cache):
             rows = [replace(row, block_size=paged.block_size_of(layer))
                     if isinstance(layer, PrunedLayer) and layer.is_initialized else row
                     for row, layer in zip(rows, self.layers)]
-        return CacheReport(rows, shared_bytes=self.shared.nbytes)
+        return CacheReport(rows, shared_bytes=self.shared.nbytes, decoding=self.decoding,
+                           prompt_done=self.shared.prompt_done, allocation_pending=self.shared.allocation_pending)

@@ -26,12 +26,15 @@ def depth_in(chain, policy) -> int:
 class CrossLayerState:
     """State one cache shares across its layers: each policy's cross-layer state (by depth in the
     chain), whether a cross-layer allocation waits for the end of the prompt, and the index of the
-    forward in progress (the attention handoff tells forwards apart by it)."""
+    forward in progress (the attention handoff tells forwards apart by it), and whether the prompt has
+    ended (the first one-token forward, `end_prefill()` or `prefill()`), after which a cache built with
+    `decoding="append"` evicts nothing."""
 
     states: dict[int, Any] = field(default_factory=dict)
     allocation_pending: bool = False
     forward_index: int = 0
     owner_prefill: bool = False  # inside `PrunedCache.prefill` of a policy that owns its prefill
+    prompt_done: bool = False
 
     def map_tensors(self, fn) -> None:
         for state in self.states.values():
@@ -48,7 +51,8 @@ class LayerContext:
     `chain` (outermost first), `slack`, the cache's `quantization` (None: the chain chooses the
     storage), `pruned_index` and `pruned_count` (the layer's place among the pruned layers; 0 and 1
     until the model's layer types are known), the cache's `shared` cross-layer state, and
-    `follows_budget`, decided once from the chain's declarations."""
+    `follows_budget`, decided once from the chain's declarations, and the cache's `decoding` mode
+    ("bounded": evict while decoding; "append": compress the prompt once, then append)."""
 
     policy: Any = None
     chain: tuple = ()
@@ -58,6 +62,12 @@ class LayerContext:
     pruned_count: int = 1
     shared: CrossLayerState = field(default_factory=CrossLayerState)
     follows_budget: bool = True  # the chain's counts follow the budget (`selection.follows_the_budget`)
+    decoding: str = "bounded"
+
+    @property
+    def appending(self) -> bool:
+        """The prompt has been compressed and this cache appends every later token without eviction."""
+        return self.decoding == "append" and self.shared.prompt_done
 
     def depth_of(self, policy) -> int:
         return depth_in(self.chain, policy)

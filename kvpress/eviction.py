@@ -56,7 +56,7 @@ def after_attention(layer, phase: str) -> None:
             selection = within_window(layer)
             if selection is not None:
                 compact(layer, selection, capacity=room_after(layer, selection.indices.shape[-1]))
-    if policy is None or not policy.evicts_during(phase):
+    if policy is None or not policy.evicts_during(phase) or context.appending:
         return
     if phase == PREFILL and policy.allocates_across_layers:
         context.shared.allocation_pending = True

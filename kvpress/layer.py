@@ -191,6 +191,8 @@ class PrunedLayer(DynamicLayer):
                         "row, so pad on the left: tokenizer.padding_side = 'left'.")
             self.slots.mark_new_tokens(new_valid)
         policy = self.context.policy
+        if self.context.appending:  # compressed once: nothing to score, the policy's state is left as it is
+            policy = None
         request = policy.request(phase) if policy is not None else None
         output, signals = attention_path.attend(self, original, module, query, key, value, attention_mask,
                                                 args, kwargs, request, phase, new_valid, layout, custom_mask)
