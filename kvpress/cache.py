@@ -24,7 +24,7 @@ from kvpress.context import CrossLayerState, LayerContext, depth_in
 from kvpress.eviction import allocate_across_layers
 from kvpress.layer import PrunedLayer
 
-DECODING_MODES = ("bounded", "append")
+AFTER_PROMPT_MODES = ("evict", "append")
 from kvpress.policy import EvictionPolicy
 from kvpress.quant_config import KVQuant
 from kvpress.selection import follows_the_budget
@@ -55,7 +55,7 @@ class PrunedCache(Cache):
     quantization: `KVQuant(bits, group_size, residual)` to store kept slots quantized (KIVI-style,
         kvpress/quantized.py); attention and policies read the dequantized slots. Without it, the policy
         chain chooses the storage (`QuantizedPruning`, wherever it stands in the chain).
-    decoding: "bounded" (default) keeps evicting while decoding, so memory stays at the budget however
+    after_prompt: "evict" (default) keeps evicting while decoding, so memory stays at the budget however
         long the generation (H2O's setting; long reasoning traces); "append" compresses the prompt once
         and then appends every later token without eviction, as SnapKV, KVzip and NVIDIA's kvpress do
         (one document, many questions: the compressed context stays whole). The prompt ends at the
@@ -64,7 +64,7 @@ class PrunedCache(Cache):
     """
 
     def __init__(self, policy: EvictionPolicy | None = None, *, config=None, slack: int = 0,
-                 quantization: KVQuant | None = None, decoding: str = "bounded"):
+                 quantization: KVQuant | None = None, after_prompt: str = "evict"):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             got = (f"the class {policy.__name__}; build one: PrunedCache({policy.__name__}(...))"
                    if isinstance(policy, type) else type(policy).__name__)
@@ -75,14 +75,14 @@ class PrunedCache(Cache):
         check_int("PrunedCache", "slack", slack, 0)
         if quantization is not None and not isinstance(quantization, KVQuant):
             raise ValueError(f"quantization must be a kvpress.KVQuant or None, got {type(quantization).__name__}")
-        if decoding not in DECODING_MODES:
-            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
-        if decoding == "append" and policy is not None and policy.runs_decoder_layers:
-            raise ValueError(f"decoding='append' compresses the prompt's cache once; {type(policy).__name__} prunes "
-                             "the computation of the decoder layers and evicts nothing, so it takes 'bounded' only")
+        if after_prompt not in AFTER_PROMPT_MODES:
+            raise ValueError(f"after_prompt must be one of {AFTER_PROMPT_MODES}, got {after_prompt!r}")
+        if after_prompt == "append" and policy is not None and policy.runs_decoder_layers:
+            raise ValueError(f"after_prompt='append' compresses the prompt's cache once; {type(policy).__name__} prunes "
+                             "the computation of the decoder layers and evicts nothing, so it takes 'evict' only")
         super().__init__(layers=[])
         self.policy = policy
-        self.decoding = decoding
+        self.after_prompt = after_prompt
         self.chain = policy.chain() if policy is not None else []  # outermost first
         self.slack = slack
         self.quantization = quantization
@@ -104,7 +104,7 @@ class PrunedCache(Cache):
                             quantization=self.quantization, pruned_index=pruned_index,
                             pruned_count=pruned_count, shared=self.shared,
                             follows_budget=self.policy is None or follows_the_budget(self.policy),
-                            decoding=self.decoding)
+                            after_prompt=self.after_prompt)
 
     def _build_layers(self, config) -> None:
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
@@ -211,7 +211,7 @@ class PrunedCache(Cache):
 
     def end_prefill(self) -> None:
         """End the prompt: run a pending cross-layer allocation now, and from here a cache built with
-        `decoding="append"` evicts nothing. The cache calls it at the first decoding step; call it
+        `after_prompt="append"` evicts nothing. The cache calls it at the first decoding step; call it
         yourself after a prefill-only forward to compact at once (before scoring a reference answer
         with a teacher-forced multi-token forward, say, which would otherwise count as more prompt)."""
         self.shared.prompt_done = True
@@ -304,5 +304,5 @@ class PrunedCache(Cache):
             rows = [replace(row, block_size=paged.block_size_of(layer))
                     if isinstance(layer, PrunedLayer) and layer.is_initialized else row
                     for row, layer in zip(rows, self.layers)]
-        return CacheReport(rows, shared_bytes=self.shared.nbytes, decoding=self.decoding,
+        return CacheReport(rows, shared_bytes=self.shared.nbytes, after_prompt=self.after_prompt,
                            prompt_done=self.shared.prompt_done, allocation_pending=self.shared.allocation_pending)

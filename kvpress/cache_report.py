@@ -38,12 +38,12 @@ class LayerReport:
 @dataclass(frozen=True)
 class CacheReport:
     """Per-layer rows plus totals: `total_bytes` (layers and `shared_bytes`) and `ratio` (slots kept /
-    tokens seen); the cache's `decoding` mode, whether the prompt has ended and whether a cross-layer
+    tokens seen); the cache's `after_prompt` mode, whether the prompt has ended and whether a cross-layer
     allocation still waits for its end."""
 
     layers: list[LayerReport] = field(default_factory=list)
     shared_bytes: int = 0  # policy state kept across layers (LazyLLM's hidden states, SpAtten's cascade)
-    decoding: str = "bounded"  # the cache's mode: "bounded" evicts while decoding, "append" compressed once
+    after_prompt: str = "evict"  # the cache's mode: "evict" evicts while decoding, "append" compressed once
     prompt_done: bool = False  # the prompt has ended (first one-token forward, end_prefill() or prefill())
     allocation_pending: bool = False  # a cross-layer allocation waits for the end of the prompt
 
@@ -84,8 +84,8 @@ class CacheReport:
                          f"{row.evictions:>9}{blocks}{tag}")
         if self.shared_bytes:
             lines.append(f"policy state across layers {self.shared_bytes:,} bytes")
-        if self.decoding == "append":
-            lines.append("decoding: append (the prompt is compressed once; later tokens are appended)"
+        if self.after_prompt == "append":
+            lines.append("after_prompt: append (the prompt is compressed once; later tokens are appended)"
                          + ("" if self.prompt_done else "; the prompt has not ended yet"))
         if self.allocation_pending:
             lines.append("cross-layer allocation pending: the prompt is compressed at the first decoding step "

@@ -28,7 +28,7 @@ class CrossLayerState:
     chain), whether a cross-layer allocation waits for the end of the prompt, and the index of the
     forward in progress (the attention handoff tells forwards apart by it), and whether the prompt has
     ended (the first one-token forward, `end_prefill()` or `prefill()`), after which a cache built with
-    `decoding="append"` evicts nothing."""
+    `after_prompt="append"` evicts nothing."""
 
     states: dict[int, Any] = field(default_factory=dict)
     allocation_pending: bool = False
@@ -51,8 +51,8 @@ class LayerContext:
     `chain` (outermost first), `slack`, the cache's `quantization` (None: the chain chooses the
     storage), `pruned_index` and `pruned_count` (the layer's place among the pruned layers; 0 and 1
     until the model's layer types are known), the cache's `shared` cross-layer state, and
-    `follows_budget`, decided once from the chain's declarations, and the cache's `decoding` mode
-    ("bounded": evict while decoding; "append": compress the prompt once, then append)."""
+    `follows_budget`, decided once from the chain's declarations, and the cache's `after_prompt` mode
+    ("evict": evict while decoding; "append": compress the prompt once, then append)."""
 
     policy: Any = None
     chain: tuple = ()
@@ -62,12 +62,12 @@ class LayerContext:
     pruned_count: int = 1
     shared: CrossLayerState = field(default_factory=CrossLayerState)
     follows_budget: bool = True  # the chain's counts follow the budget (`selection.follows_the_budget`)
-    decoding: str = "bounded"
+    after_prompt: str = "evict"
 
     @property
     def appending(self) -> bool:
         """The prompt has been compressed and this cache appends every later token without eviction."""
-        return self.decoding == "append" and self.shared.prompt_done
+        return self.after_prompt == "append" and self.shared.prompt_done
 
     def depth_of(self, policy) -> int:
         return depth_in(self.chain, policy)

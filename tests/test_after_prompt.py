@@ -1,4 +1,4 @@
-"""`PrunedCache(policy, decoding=...)`: "bounded" keeps evicting while decoding; "append" compresses the
+"""`PrunedCache(policy, after_prompt=...)`: "evict" keeps evicting while decoding; "append" compresses the
 prompt once and appends every later token. Checked against an independent reference: transformers'
 `DynamicCache` loaded with the slots the prompt's compression kept, fed the same later tokens at the
 same positions, gives the same logits (so nothing is evicted or reweighted after the prompt)."""
@@ -44,7 +44,7 @@ def model():
                          ids=["snapkv", "h2o"])
 def test_append_keeps_the_compressed_prompt_and_attends_like_dynamic_cache_over_it(model, policy):
     document = random_ids(1, DOCUMENT, seed=7)
-    cache = PrunedCache(policy, decoding="append")
+    cache = PrunedCache(policy, after_prompt="append")
     with torch.no_grad():
         cache.prefill(model, document)
         compressed = kept_positions(cache)
@@ -66,7 +66,7 @@ def test_append_keeps_the_compressed_prompt_and_attends_like_dynamic_cache_over_
             assert len(after) == BUDGET + later
 
 
-def test_bounded_evicts_the_compressed_prompt_while_decoding(model):
+def test_evict_mode_evicts_the_compressed_prompt_while_decoding(model):
     document = random_ids(1, DOCUMENT, seed=7)
     cache = PrunedCache(SnapKV(budget=BUDGET, window=4))
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_bounded_evicts_the_compressed_prompt_while_decoding(model):
     (KVCompose(budget=0.25, window=4), None),  # cross-layer allocation at the end of the prompt
 ], ids=["adakv", "quantized", "kvcompose"])
 def test_append_holds_every_later_token_whatever_the_storage(model, policy, quantization):
-    cache = PrunedCache(policy, decoding="append", quantization=quantization)
+    cache = PrunedCache(policy, after_prompt="append", quantization=quantization)
     settings = {"max_new_tokens": 30, "do_sample": False, "pad_token_id": 0}
     model.generate(random_ids(1, DOCUMENT, seed=8), cache=cache, **settings)
     for layer in cache.pruned_layers():
@@ -95,7 +95,7 @@ def test_append_holds_every_later_token_whatever_the_storage(model, policy, quan
 
 
 def test_report_says_the_mode_and_a_pending_allocation(model):
-    cache = PrunedCache(KVCompose(budget=0.25, window=4), decoding="append")
+    cache = PrunedCache(KVCompose(budget=0.25, window=4), after_prompt="append")
     with torch.no_grad():
         model(random_ids(1, 200, seed=9), cache=cache, use_cache=True)
     report = cache.report()
@@ -104,12 +104,12 @@ def test_report_says_the_mode_and_a_pending_allocation(model):
     assert all(row.kept == 200 for row in report.layers)
     cache.end_prefill()
     report = cache.report()
-    assert not report.allocation_pending and report.prompt_done and report.decoding == "append"
+    assert not report.allocation_pending and report.prompt_done and report.after_prompt == "append"
     assert all(row.kept < 200 for row in report.layers)
 
 
 def test_bad_modes_are_refused():
-    with pytest.raises(ValueError, match=r"decoding must be one of \('bounded', 'append'\), got 'once'"):
-        PrunedCache(H2O(budget=64), decoding="once")
-    with pytest.raises(ValueError, match="LazyLLM prunes the computation .* 'bounded' only"):
-        PrunedCache(LazyLLM(), decoding="append")
+    with pytest.raises(ValueError, match=r"after_prompt must be one of \('evict', 'append'\), got 'once'"):
+        PrunedCache(H2O(budget=64), after_prompt="once")
+    with pytest.raises(ValueError, match="LazyLLM prunes the computation .* 'evict' only"):
+        PrunedCache(LazyLLM(), after_prompt="append")
