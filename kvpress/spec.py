@@ -172,9 +172,9 @@ def parse_spec(text: str, registry: Mapping[str, type] | None = None, options_mo
     return spec
 
 
-def build_cache(spec: CacheSpec, config=None):
-    """A fresh cache for one generation: ``PrunedCache(policy, config=..., quantization=...)``, with
-    its own copy of the policy and option (policies may keep state per cache)."""
+def build_cache(spec: CacheSpec, config=None, after_prompt: str = "evict"):
+    """A fresh cache for one generation: ``PrunedCache(policy, config=..., quantization=...,
+    after_prompt=...)``, with its own copy of the policy and option (policies may keep state per cache)."""
     import copy
 
     from kvpress import PrunedCache
@@ -182,4 +182,5 @@ def build_cache(spec: CacheSpec, config=None):
     if len(spec.options) > 1:
         raise ValueError(f"{spec.text!r}: at most one option (the quantization), got {len(spec.options)}")
     quantization = copy.deepcopy(spec.options[0]) if spec.options else None
-    return PrunedCache(copy.deepcopy(spec.policy), config=config, quantization=quantization)
+    return PrunedCache(copy.deepcopy(spec.policy), config=config, quantization=quantization,
+                       after_prompt=after_prompt)

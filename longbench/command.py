@@ -72,6 +72,9 @@ def add_run_options(parser: argparse.ArgumentParser, with_policy: bool = True) -
                                                                    if t not in ("0shot_cot_ans", "0shot_rag")])
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--after-prompt", default="evict", choices=("evict", "append"),
+                        help="evict: the cache keeps evicting while decoding (default); append: the prompt is "
+                             "compressed once and every generated token is appended (PrunedCache(after_prompt=))")
     parser.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK if available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--workers", type=positive("--workers"), default=1,

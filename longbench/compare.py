@@ -33,7 +33,7 @@ def compare(args, specs: list[str]) -> None:
     wall = time.perf_counter()
     prep = prepare(args)
     plan = [(specs[0], "question")] + [(spec, mode) for mode in args.compress for spec in specs[1:]]
-    folders = [run_folder(args.out, spec, mode) for spec, mode in plan]
+    folders = [run_folder(args.out, spec, mode, args.after_prompt) for spec, mode in plan]
     runs = []
     try:
         with FileProgress(progress_jobs(prep, folders), desc=f"compare ({prep.shard.world} workers)",

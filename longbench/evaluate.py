@@ -17,10 +17,12 @@ from .progress import FileProgress
 from .results import score_run, v2_table, write_reports
 
 
-def run_folder(parent: str, spec: str, compress: str) -> str:
-    """The folder of one run under ``parent``: the spec made file-safe, ``-context`` for that mode."""
+def run_folder(parent: str, spec: str, compress: str, after_prompt: str = "evict") -> str:
+    """The folder of one run under ``parent``: the spec made file-safe, ``-context`` and ``-append`` for
+    those modes."""
     slug = re.sub(r"[^A-Za-z0-9.=_-]+", "-", spec).strip("-") or "run"
-    return os.path.join(parent, slug + ("" if compress == "question" else "-context"))
+    return os.path.join(parent, slug + ("" if compress == "question" else "-context")
+                        + ("" if after_prompt == "evict" else "-append"))
 
 
 def run_one(args, prep: Prepared, spec_text: str, out_dir: str, *, compress: str = "question",
@@ -33,7 +35,7 @@ def run_one(args, prep: Prepared, spec_text: str, out_dir: str, *, compress: str
         tasks=[c.name for c in prep.configs], max_length=prep.max_length, v2_max_length=args.v2_max_length,
         chat_template=args.chat_template, data=prep.source.describe(), limit=args.limit,
         min_new_tokens_all=args.min_new_tokens_all, v2_template=args.v2_template, dtype=prep.dtype,
-        attn_implementation=args.attn_implementation, compress=compress,
+        attn_implementation=args.attn_implementation, compress=compress, after_prompt=args.after_prompt,
     )
     extra = {"policy_name": spec.name, "budget": spec.budget, "max_length_source": prep.max_length_source,
              "selection": "per KV head" if spec.policy is not None else None,
@@ -41,7 +43,7 @@ def run_one(args, prep: Prepared, spec_text: str, out_dir: str, *, compress: str
     config = prep.model.config
     start = time.perf_counter()
     complete = runner.run(settings, prep.configs, prep.source, prep.model, prep.tokenizer,
-                          lambda: build_cache(spec, config), out_dir, prep.shard,
+                          lambda: build_cache(spec, config, after_prompt=args.after_prompt), out_dir, prep.shard,
                           progress=progress and prep.shard.world == 1, header_extra=extra,
                           records=prep.records)
     if not prep.shard.is_main:
@@ -71,7 +73,7 @@ def run_policy(args) -> None:
     """``kvpress longbench``: prepare, run ``args.policy`` into ``args.out`` (default
     ``runs/<policy>``), score it; one progress bar over every worker's files in a sharded run."""
     prep = prepare(args)
-    out = args.out or run_folder("runs", args.policy, args.compress)
+    out = args.out or run_folder("runs", args.policy, args.compress, args.after_prompt)
     shared_bar = prep.shard.world > 1 and prep.shard.is_main and not args.no_progress
     try:
         with FileProgress(progress_jobs(prep, [out]), desc=f"{args.policy} ({prep.shard.world} workers)",

@@ -48,6 +48,7 @@ class RunSettings:
     attn_implementation: str = "sdpa"
     decoding: str = "greedy"
     compress: str = "question"         # "context": the context is compressed before the question is seen
+    after_prompt: str = "evict"        # "append": the prompt is compressed once, generated tokens appended
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,7 +224,7 @@ def run(settings: RunSettings, configs: list[Config], source: DataSource, model,
     shard = shard or Shard()
     store = RunStore(out_dir)
     header = build_header(settings, tokenizer, header_extra)
-    exists = store.check_header(header["config"])  # every rank refuses a mismatching folder
+    exists = store.check_header(header["config"], defaults=RunSettings(model=settings.model).as_dict())  # every rank refuses a mismatching folder
     if records is None:
         records = load_records(configs, source, settings.limit)
     orders = {config.name: [r["_id"] for r in records[config.name]] for config in configs}

@@ -67,12 +67,13 @@ class RunStore:
         except json.JSONDecodeError as err:
             raise DataError(f"{self.header_path}:{err.lineno}: invalid JSON ({err.msg})") from None
 
-    def check_header(self, config: dict) -> bool:
-        """True if the folder has a header; raise ``ConfigMismatch`` if its configuration differs."""
+    def check_header(self, config: dict, defaults: dict | None = None) -> bool:
+        """True if the folder has a header; raise ``ConfigMismatch`` if its configuration differs. A
+        setting the header lacks (a run written before the setting existed) counts as its default."""
         header = self.read_header()
         if header is None:
             return False
-        old = header.get("config", {})
+        old = {**(defaults or {}), **header.get("config", {})}
         diffs = [f"  {k}: {old.get(k)!r} in {self.header_path} vs {config.get(k)!r} now"
                  for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
         if diffs:

@@ -251,3 +251,37 @@ def test_longbench_v2_run_and_breakdown(tiny, tmp_path):
     result = score_run(out)
     assert set(result["v2"]) >= {"overall", "easy", "hard", "short", "medium", "long", "unanswered"}
     assert result["v2"]["samples"] == 2 and result["rows"][0]["metric"] == "accuracy"
+
+
+def test_after_prompt_append_holds_every_generated_token_and_older_headers_still_resume(tiny, data_dir, tmp_path):
+    from kvpress import PrunedCache
+    from kvpress.policies import SnapKV
+
+    model, tokenizer = tiny
+    configs = parse_task_list("hotpotqa")
+    source = DataSource("dir", str(data_dir))
+    held = {}
+    for mode in ("evict", "append"):
+        run_settings = settings(tasks=["hotpotqa"], after_prompt=mode, limit=1)
+        assert runner.run(run_settings, configs, source, model, tokenizer,
+                          lambda mode=mode: PrunedCache(SnapKV(budget=16, window=4), after_prompt=mode),
+                          tmp_path / mode, progress=False)
+        record = json.loads((tmp_path / mode / "predictions" / "hotpotqa.jsonl").read_text().splitlines()[0])
+        held[mode] = record
+    assert held["evict"]["kv_slots_kept"] == 16
+    # the compressed prompt (16 slots per head) and every generated token fed back (all but the last)
+    assert held["append"]["kv_slots_kept"] == 16 + held["append"]["new_tokens"] - 1
+    # a folder written before the setting existed resumes as the default ("evict"), nothing regenerated
+    header_path = tmp_path / "evict" / "run.json"
+    header = json.loads(header_path.read_text())
+    del header["config"]["after_prompt"]
+    header_path.write_text(json.dumps(header))
+
+    def no_generation():
+        raise AssertionError("a finished run was generated again")
+
+    assert runner.run(settings(tasks=["hotpotqa"], limit=1), configs, source, model, tokenizer, no_generation,
+                      tmp_path / "evict", progress=False)
+    with pytest.raises(ConfigMismatch, match="after_prompt: 'evict'"):
+        runner.run(settings(tasks=["hotpotqa"], limit=1, after_prompt="append"), configs, source, model,
+                   tokenizer, no_generation, tmp_path / "evict", progress=False)
