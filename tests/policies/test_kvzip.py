@@ -114,18 +114,8 @@ def test_layer_allocation_keeps_each_layer_budget_and_decoding_keeps_it():
 def test_a_padded_batch_equals_its_rows_alone():
     model = tiny_model("llama", "eager")
     rows = [random_ids(1, 30, seed=8)[0], random_ids(1, 22, seed=9)[0]]
-    from tiny_models import left_pad
 
-    ids, mask = left_pad(rows)
-    batch = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
-    kvzip_prefill(model, ids, batch, attention_mask=mask, prompt=PROMPT)
-    for index, row in enumerate(rows):
-        alone = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
-        kvzip_prefill(model, row[None], alone, prompt=PROMPT)
-        for layer, single in zip(batch.layers, alone.layers):
-            for head in range(layer.num_heads):
-                kept = layer.positions[index, head][layer.valid[index, head]].tolist()
-                assert sorted(kept) == sorted(single.positions[0, head][single.valid[0, head]].tolist())
+    assert_batch_keeps_what_each_row_keeps_alone(model, rows, PROMPT)
 
 
 def test_a_plain_forward_on_a_kvzip_cache_fails_at_once_naming_the_call():
@@ -298,16 +288,21 @@ def test_the_template_prefix_is_kept_whole_and_the_budget_holds():
 
 @torch.no_grad()
 def test_a_padded_batch_with_template_prefixes_equals_its_rows_alone():
-    from tiny_models import left_pad
 
     model = tiny_model("llama", "eager")
     rows = [prefixed_ids(30, seed=13)[0], prefixed_ids(22, seed=14)[0], random_ids(1, 26, seed=15)[0]]
+    assert_batch_keeps_what_each_row_keeps_alone(model, rows, PREFIXED)
+
+
+def assert_batch_keeps_what_each_row_keeps_alone(model, rows, prompt):
+    from tiny_models import left_pad
+
     ids, mask = left_pad(rows)
     batch = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
-    kvzip_prefill(model, ids, batch, attention_mask=mask, prompt=PREFIXED)
+    kvzip_prefill(model, ids, batch, attention_mask=mask, prompt=prompt)
     for index, row in enumerate(rows):
         alone = PrunedCache(KVzip(budget=0.4, sinks=2, chunk_size=10))
-        kvzip_prefill(model, row[None], alone, prompt=PREFIXED)
+        kvzip_prefill(model, row[None], alone, prompt=prompt)
         for layer, single in zip(batch.layers, alone.layers):
             for head in range(layer.num_heads):
                 kept = layer.positions[index, head][layer.valid[index, head]].tolist()
