@@ -233,6 +233,8 @@ def measure(model, tokenizer, task: str, ids, answer: str, reference, logits, ca
             logits = cache.prefill(model, ids, tokenizer=tokenizer, logits_to_keep=1)[0, -1]
         else:
             replay(calls, cache)
+            cache.end_prefill()  # the prompt ends here: a cross-layer allocation (KVCompose) compresses now,
+            # not at the first one-token forward, which the prefill mode's one-forward summary never makes
     row = {"policy": name, "budget": budget if name != "full" else 1.0, "task": task,
            "prefill_s": round(time.time() - began, 2)}
     for mode, slack in MODES:
