@@ -214,10 +214,14 @@ class Policy(EvictionPolicy):
         request = signals.request
         if not request.accumulate:
             state.scores = signals.mass
-        elif request.decay == 1.0:
-            state.scores = state.scores + signals.mass
+            return
+        scores = state.scores  # [B, Hkv, P], a view of the state's buffer
+        if scores.shape != signals.mass.shape:  # a new width: the sum becomes the buffer
+            state.scores = scores * request.decay ** signals.q + signals.mass
+        elif request.decay == 1.0:  # in place in the buffer: the values `scores + mass` would write
+            scores.add_(signals.mass)
         else:
-            state.scores = state.scores * request.decay ** signals.q + signals.mass
+            scores.mul_(request.decay ** signals.q).add_(signals.mass)
 
 
 @dataclass
