@@ -156,8 +156,10 @@ class EvictionPolicy:
     def protected(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the first `sinks` and last `window` real tokens."""
         pos = layer.positions  # [B, Hkv, P], -1 for padding
-        recent = pos >= (layer.real_seen[:, None, None] - self.window)
-        return layer.valid & ((pos < self.sinks) | recent)
+        kept = pos >= (layer.real_seen.view(-1, 1, 1) - self.window)  # the recent window
+        if self.sinks:  # without sinks `pos < 0` marks padding only, which is never valid
+            kept = kept | (pos < self.sinks)
+        return layer.valid & kept
 
     def eligible(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` bool: slots that may be kept at all (SpAtten: not evicted by a lower layer)."""

@@ -154,6 +154,13 @@ class SlotStore:
         self.valid.logical_and_(keep)
         self.exact_prefix = False
 
+    def drop_one(self, victim: torch.Tensor, stays: torch.Tensor) -> None:
+        """Drop the slot `victim [B, Hkv, 1]` of every (row, head) where `stays [B, Hkv, 1]` is False;
+        `victim` must be a valid slot (a head that is not over writes True where True was). One
+        `scatter_`, no host sync: the decoding step's eviction when one slot per head is over."""
+        self.valid.scatter_(-1, victim, stays)
+        self.exact_prefix = False
+
     def gather(self, index: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None = None,
                capacity: int | None = None, per_head: HeadRoom | None = None,
                quantized: int | None = None) -> torch.Tensor | None:
