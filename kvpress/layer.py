@@ -199,6 +199,9 @@ class PrunedLayer(DynamicLayer):
         after_attention(self, phase)
         self.slots.end_forward(self.context.storage_for(self))
         fit_quantized(self)
+        self.slots.release_views()  # views of the used slots are held during a forward only
+        for state in self.states.values():
+            state.release_views()
         return output
 
     def _check_call(self, module, kwargs) -> None:

@@ -74,8 +74,8 @@ class SlotStore:
     # ---- views ----
     keys = property(lambda self: self.storage.read_keys(self.used))
     values = property(lambda self: self.storage.read_values(self.used))
-    valid = property(lambda self: self.meta.valid[:, :, :self.used])
-    positions = property(lambda self: self.meta.positions[:, :, :self.used])
+    valid = property(lambda self: self._used_view("valid"))
+    positions = property(lambda self: self._used_view("positions"))
     capacity = property(lambda self: self.meta.capacity)
     num_slots = property(lambda self: self.used)
     head_dim = property(lambda self: self.storage.head_dim)
@@ -84,6 +84,22 @@ class SlotStore:
     batch = property(lambda self: self.meta.valid.shape[0])
     ragged = property(lambda self: self.storage.per_head, doc="The per-head layout (`RaggedStore`), or None.")
     quantized = property(lambda self: self.storage.quantized, doc="The KIVI store (`QuantizedStore`), or None.")
+
+    def _used_view(self, name: str) -> torch.Tensor:
+        """The first `used` slots of metadata buffer `name`, one view per buffer and width: a forward
+        reads validity and positions several times, one slicing op serves them all. The layer releases
+        them at the end of each forward (`release_views`): no replaced buffer outlives it."""
+        buffer, views = getattr(self.meta, name), self.__dict__.setdefault("_views", {})
+        cached = views.get(name)
+        if cached is None or cached[0] is not buffer or cached[1] != self.used:
+            cached = views[name] = (buffer, self.used, buffer[:, :, :self.used])
+        return cached[2]
+
+    def release_views(self) -> None:
+        self.__dict__.pop("_views", None)
+
+    def __getstate__(self):  # copies (deepcopy, pickle) slice their own views again
+        return {key: value for key, value in self.__dict__.items() if key != "_views"}
 
     # ---- writing ----
     def reserve(self, capacity: int) -> None:
@@ -111,8 +127,11 @@ class SlotStore:
             self.real_seen = self._real_before + layout.real_new
             self.exact_prefix = False  # slots no longer follow the model's mask columns
         else:
-            offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
-            self.meta.positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
+            if q == 1:  # the row's next position, broadcast over the heads by copy_
+                self.meta.positions[:, :, start:start + 1].copy_(self._real_before.view(-1, 1, 1))
+            else:
+                offsets = torch.arange(q, device=self.real_seen.device)
+                self.meta.positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         return attended
 
     def readable(self):
@@ -201,6 +220,7 @@ class SlotStore:
 
     def map_tensors(self, fn) -> None:
         """A batch operation or device move on every per-row tensor."""
+        self.__dict__.pop("_views", None)
         self.storage.map_tensors(fn)
         self.meta.map_tensors(fn)
         self.real_seen = fn(self.real_seen)
