@@ -18,7 +18,7 @@ import torch
 def valid_first_order(valid: torch.Tensor) -> torch.Tensor:
     """Indices along the last axis that put the True entries of `valid` first, each group in its
     original (slot, temporal) order."""
-    return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    return torch.argsort(valid.to(torch.int8), dim=-1, descending=True, stable=True)
 
 
 def rank_from_order(order: torch.Tensor, dim: int = -1) -> torch.Tensor:
