@@ -117,6 +117,13 @@ class SlotStore:
         self.real_seen = self.real_seen + q
         attended = self.storage.write(self.meta, start, key_states, value_states)
         self.used = start + q
+        if q == 1 and layout is None:  # a decoding step: the prepared tail holds the slot's metadata
+            if not self.meta.tail_ready:
+                self._prepare_tail(start)
+            if self.heads_off is not None:
+                self.meta.valid[:, :, start:start + 1] &= ~self.heads_off[..., None]
+            return attended
+        self.meta.tail_ready = False
         new_valid = self.meta.valid[:, :, start:start + q]
         new_valid.fill_(True)
         if self.heads_off is not None:
@@ -127,12 +134,22 @@ class SlotStore:
             self.real_seen = self._real_before + layout.real_new
             self.exact_prefix = False  # slots no longer follow the model's mask columns
         else:
-            if q == 1:  # the row's next position, broadcast over the heads by copy_
-                self.meta.positions[:, :, start:start + 1].copy_(self._real_before.view(-1, 1, 1))
-            else:
-                offsets = torch.arange(q, device=self.real_seen.device)
-                self.meta.positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
+            offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
+            self.meta.positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         return attended
+
+    def _prepare_tail(self, start: int) -> None:
+        """Slots `start..capacity` as one-token writes will leave them: valid, and each row's next
+        positions (every decoding step adds one real token to every row), so the steps until the
+        metadata changes otherwise (`SlotMetadata.tail_ready`) write none."""
+        meta = self.meta
+        width = meta.capacity - start
+        meta.valid[:, :, start:].fill_(True)
+        before = self._real_before.view(-1, 1, 1)  # [B, 1, 1]
+        if width > 1:
+            before = before + torch.arange(width, device=before.device)
+        meta.positions[:, :, start:].copy_(before)
+        meta.tail_ready = True
 
     def readable(self):
         """A context in which a policy may read `keys` and `values` outside a forward (quantized
@@ -148,6 +165,7 @@ class SlotStore:
         """Validity and real-token positions of the newest `q` slots from `new_valid [B, q]` (False for
         padding, read from the model's mask). A host sync: called at prefill only."""
         q = self._new_tokens
+        self.meta.tail_ready = False
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1  # [B, q]
         positions = torch.where(new_valid, self._real_before[:, None] + offsets, -1)
         self.valid[..., -q:] = new_valid[:, None, :]

@@ -55,6 +55,7 @@ class State:
     def _set_buffer(self, name: str, buffer: torch.Tensor) -> None:
         self.__dict__["_buffer_" + name] = buffer
         self.__dict__.get("_views", {}).pop(name, None)
+        self.__dict__.get("_zero_tails", set()).discard(name)
 
     def __getstate__(self):  # copies (deepcopy, pickle) slice their own views again
         return {key: value for key, value in self.__dict__.items() if key != "_views"}
@@ -69,15 +70,22 @@ class State:
             self.__dict__["used"] = value.shape[2]
 
     def append_slots(self, count: int, capacity: int) -> None:
+        """`count` zero slots after the used ones. The slots after them are zeroed once and known to
+        stay zero (`_zero_tails`) until the buffer is replaced or compacted into, so a decoding step
+        writes nothing here."""
         used = self.__dict__.get("used", 0)
+        zero_tails = self.__dict__.setdefault("_zero_tails", set())
         for name in self.slot_fields:
             buffer = self.__dict__["_buffer_" + name]
             if buffer.shape[2] < capacity:
                 grown = buffer.new_zeros(*buffer.shape[:2], capacity, *buffer.shape[3:])
                 grown[:, :, :used] = buffer[:, :, :used]
                 self._set_buffer(name, grown)
+                zero_tails.add(name)  # new_zeros: every slot after `used` is zero
                 buffer = grown
-            buffer[:, :, used:used + count].fill_(0)
+            if name not in zero_tails:
+                buffer[:, :, used:].fill_(0)
+                zero_tails.add(name)
         self.__dict__["used"] = used + count
 
     def gather_slots(self, index: torch.Tensor) -> None:
@@ -93,6 +101,7 @@ class State:
         width = kept.shape[2]
         if buffer.shape[2] >= width:
             buffer[:, :, :width] = kept
+            self.__dict__.get("_zero_tails", set()).discard(name)  # old slots now lie after `width`
         else:
             self._set_buffer(name, kept)
         self.__dict__["used"] = width
