@@ -120,10 +120,12 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
         # too, so validity is read from the mask, not from the slots); while decoding, the new token
         # makes every head live unless heads were switched off or a custom mask hides slots
         heads_live = q == 1 and slots.heads_off is None and not custom_mask
+        # the slots' own negated validity, which eviction reads after this step too
+        invalid = slots.invalid if q == 1 and window is None and not custom_mask else None
         out, mass = grouped_attention(query, key, value, valid, scaling=scaling, softcap=softcap,
                                       query_valid=new_valid, weights=weights,
                                       positions=slots.positions if window is not None else None,
-                                      window=window, heads_live=heads_live)
+                                      window=window, heads_live=heads_live, slot_invalid=invalid)
         output = (out, None)
     return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0], query=query,
                            module=module)

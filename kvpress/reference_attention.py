@@ -49,6 +49,7 @@ def grouped_attention(
     window: int | None = None,  # sliding window: a query at position p sees positions > p - window
     query_positions: torch.Tensor | None = None,  # [B, q] long: causal order by position, not by slot
     heads_live: bool = False,  # the caller knows every KV head holds a valid slot (a host-side fact)
+    slot_invalid: torch.Tensor | None = None,  # [B, Hkv, S] bool, ~slot_valid when the caller has it
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Causal grouped-query attention with a per-slot validity mask.
 
@@ -73,7 +74,8 @@ def grouped_attention(
                                      query_valid=query_valid, weights=_row_weights(weights, query),
                                      want_output=want_output)
     if query.shape[2] == 1 and window is None and query_valid is None and query_positions is None:
-        return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output, heads_live)
+        return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output, heads_live,
+                            slot_invalid)
     weights = _row_weights(weights, query)
     kf, vf = key.float(), value.float()
     return _chunked_attention(
@@ -219,7 +221,8 @@ def _quantized_decode(query, store, slot_valid, scaling, weights, want_output):
     return output, mass
 
 
-def _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output, heads_live=False):
+def _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output, heads_live=False,
+                 slot_invalid=None):
     """`grouped_attention` for one query token: the same quantities in a dozen ops (the decoding step's
     hot path on CPU); no causal limit applies, every valid slot is older than the query. The products
     run as 3-D `bmm` over `B * Hkv` (what `matmul` reduces the 4-D product to, without its expands and
@@ -232,7 +235,8 @@ def _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_
     logits = torch.bmm(queries, key.float().reshape(pairs, slots, dim).transpose(1, 2)).mul_(scaling)  # [B*Hkv, G, S]
     if softcap is not None:
         logits = torch.tanh(logits / softcap).mul_(softcap)
-    logits.masked_fill_(slot_valid.logical_not().view(pairs, 1, slots), torch.finfo(torch.float32).min)
+    hidden = slot_valid.logical_not() if slot_invalid is None else slot_invalid
+    logits.masked_fill_(hidden.view(pairs, 1, slots), torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
     live = None if heads_live else slot_valid.any(dim=-1)  # [B, Hkv]: False for a switched-off head
     mass = None

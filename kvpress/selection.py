@@ -95,13 +95,15 @@ def drops_one_at_most(policy, layer) -> bool:
     return layer.tokens_since_eviction == 1 and layer.context.follows_budget
 
 
-def _lowest_ranked(policy, layer, valid: torch.Tensor) -> torch.Tensor:
+def _lowest_ranked(policy, layer) -> torch.Tensor:
     """`[B, Hkv, 1]`: the slot `select` would rank last, the earliest of equal scores: unprotected
-    valid slots by score, then protected ones, invalid ones never while a valid one is left."""
+    valid slots by score, then protected ones, invalid ones never while a valid one is left. A chain
+    whose host-side bound of protected slots is 0 (`protected_bound`) protects none: no mask to fill."""
     big = torch.finfo(torch.float32).max
     ranked = policy.score(layer).float().clamp(-big / 2, big / 2)  # a new tensor: filled in place
-    ranked.masked_fill_(policy.protected(layer), big / 2)
-    ranked.masked_fill_(valid.logical_not(), big)
+    if policy.protected_bound(layer) > 0:
+        ranked.masked_fill_(policy.protected(layer), big / 2)
+    ranked.masked_fill_(layer.invalid, big)
     return ranked.argmin(dim=-1, keepdim=True)
 
 
@@ -113,9 +115,8 @@ def one_victim(policy, layer) -> tuple[torch.Tensor, torch.Tensor] | None:
     so a head that is not over keeps its validity as it was. None otherwise (`keep_mask`)."""
     if layer.heads_off is not None or not drops_one_at_most(policy, layer):
         return None
-    valid = layer.valid
-    stays = valid.sum(-1, keepdim=True) <= policy.keep_counts(layer)[..., None]  # [B, Hkv, 1]
-    return _lowest_ranked(policy, layer, valid), stays
+    stays = layer.valid.sum(-1, keepdim=True) <= policy.keep_counts(layer)[..., None]  # [B, Hkv, 1]
+    return _lowest_ranked(policy, layer), stays
 
 
 def keep_mask(policy, layer) -> torch.Tensor:
@@ -125,7 +126,7 @@ def keep_mask(policy, layer) -> torch.Tensor:
     the later); otherwise every slot is ranked."""
     if drops_one_at_most(policy, layer):
         valid = layer.valid
-        victim = _lowest_ranked(policy, layer, valid)  # [B, Hkv, 1]
+        victim = _lowest_ranked(policy, layer)  # [B, Hkv, 1]
         over = valid.sum(-1, keepdim=True) > policy.keep_counts(layer)[..., None]
         return valid & ~torch.zeros_like(valid).scatter_(-1, victim, over)
     eligible = policy.eligible(layer)

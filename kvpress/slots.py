@@ -76,6 +76,20 @@ class SlotStore:
     values = property(lambda self: self.storage.read_values(self.used))
     valid = property(lambda self: self._used_view("valid"))
     positions = property(lambda self: self._used_view("positions"))
+
+    @property
+    def invalid(self) -> torch.Tensor:
+        """`[B, Hkv, P]` bool, `~valid`: computed once while validity stays as it is (attention masks
+        with it, eviction ranks with it); every in-place change of validity here drops it."""
+        views = self.__dict__.setdefault("_views", {})
+        valid = self.valid
+        cached = views.get("invalid")
+        if cached is None or cached[0] is not valid:
+            cached = views["invalid"] = (valid, valid.logical_not())
+        return cached[1]
+
+    def _validity_changed(self) -> None:
+        self.__dict__.get("_views", {}).pop("invalid", None)
     capacity = property(lambda self: self.meta.capacity)
     num_slots = property(lambda self: self.used)
     head_dim = property(lambda self: self.storage.head_dim)
@@ -112,6 +126,7 @@ class SlotStore:
         padding), or as `layout` describes them; return the keys and values attention reads this forward."""
         q = key_states.shape[2]
         start = self.used
+        self._validity_changed()
         self._new_tokens = q
         self._real_before = self.real_seen
         self.real_seen = self.real_seen + q
@@ -165,6 +180,7 @@ class SlotStore:
         """Validity and real-token positions of the newest `q` slots from `new_valid [B, q]` (False for
         padding, read from the model's mask). A host sync: called at prefill only."""
         q = self._new_tokens
+        self._validity_changed()
         self.meta.tail_ready = False
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1  # [B, q]
         positions = torch.where(new_valid, self._real_before[:, None] + offsets, -1)
@@ -180,6 +196,7 @@ class SlotStore:
         """Stop storing and attending the KV heads where `heads [B, Hkv]` is True: their slots become
         invalid, later tokens are not stored in them, and their query heads output zeros."""
         self.heads_off = heads if self.heads_off is None else self.heads_off | heads
+        self._validity_changed()
         self.valid.logical_and_(~self.heads_off[..., None])
         self.exact_prefix = False
         self.live_heads = int((~self.heads_off).sum(-1).max())  # a host sync, once per layer (prefill)
@@ -189,6 +206,7 @@ class SlotStore:
         """Keep only the slots where `keep [B, Hkv, P]`; the others become holes. No data moves and no
         host sync: this is the decoding step's eviction."""
         self.valid.logical_and_(keep)
+        self._validity_changed()
         self.exact_prefix = False
 
     def drop_one(self, victim: torch.Tensor, stays: torch.Tensor) -> None:
@@ -196,6 +214,7 @@ class SlotStore:
         `victim` must be a valid slot (a head that is not over writes True where True was). One
         `scatter_`, no host sync: the decoding step's eviction when one slot per head is over."""
         self.valid.scatter_(-1, victim, stays)
+        self._validity_changed()
         self.exact_prefix = False
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None = None,
@@ -209,6 +228,7 @@ class SlotStore:
         ones (`QuantizedStore.keep`). `scores [B, Hkv, P]`, the policy's running score, is gathered in
         the same launch and returned."""
         positions = self.positions
+        self._validity_changed()
         if self.storage.quantized is None and (per_head is not None or self.storage.per_head is not None):
             kept_scores = self._lay_out(index, valid, positions, scores, capacity, per_head)
         else:  # dense or quantized storage keeps its own layout
