@@ -130,7 +130,8 @@ class EvictionPolicy:
     def keep_counts(self, layer: LayerView) -> torch.Tensor:
         """Real slots each (row, head) keeps: `[B, Hkv]` long."""
         per_row = slots_for_budget(layer.budget, layer.real_seen)  # [B]
-        uniform = per_row[:, None].expand(-1, layer.num_heads)
+        # every head of a row: a stride-0 view, as `per_row[:, None].expand(-1, Hkv)` in one op
+        uniform = per_row.as_strided((per_row.shape[0], layer.num_heads), (per_row.stride(0), 0))
         return uniform if layer.allocation is None else layer.allocation.counts_now(uniform)
 
     def slot_bound(self, layer: LayerView) -> int:
