@@ -76,20 +76,6 @@ class SlotStore:
     values = property(lambda self: self.storage.read_values(self.used))
     valid = property(lambda self: self._used_view("valid"))
     positions = property(lambda self: self._used_view("positions"))
-
-    @property
-    def invalid(self) -> torch.Tensor:
-        """`[B, Hkv, P]` bool, `~valid`: computed once while validity stays as it is (attention masks
-        with it, eviction ranks with it); every in-place change of validity here drops it."""
-        views = self.__dict__.setdefault("_views", {})
-        valid = self.valid
-        cached = views.get("invalid")
-        if cached is None or cached[0] is not valid:
-            cached = views["invalid"] = (valid, valid.logical_not())
-        return cached[1]
-
-    def _validity_changed(self) -> None:
-        self.__dict__.get("_views", {}).pop("invalid", None)
     capacity = property(lambda self: self.meta.capacity)
     num_slots = property(lambda self: self.used)
     head_dim = property(lambda self: self.storage.head_dim)
@@ -108,6 +94,20 @@ class SlotStore:
         if cached is None or cached[0] is not buffer or cached[1] != self.used:
             cached = views[name] = (buffer, self.used, buffer[:, :, :self.used])
         return cached[2]
+
+    @property
+    def invalid(self) -> torch.Tensor:
+        """`[B, Hkv, P]` bool, `~valid`: computed once while validity stays as it is (attention masks
+        with it, eviction ranks with it); every in-place change of validity here drops it."""
+        views = self.__dict__.setdefault("_views", {})
+        valid = self.valid
+        cached = views.get("invalid")
+        if cached is None or cached[0] is not valid:
+            cached = views["invalid"] = (valid, valid.logical_not())
+        return cached[1]
+
+    def _validity_changed(self) -> None:
+        self.__dict__.get("_views", {}).pop("invalid", None)
 
     def release_views(self) -> None:
         self.__dict__.pop("_views", None)
