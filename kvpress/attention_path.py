@@ -112,12 +112,20 @@ def attend(layer, original, module, query, key, value, attention_mask, args, kwa
                                         softcap=softcap, query_valid=row_valid, weights=weights,
                                         want_output=False, positions=slots.positions, window=window)
     else:
-        weights = row_weights(q, request.rows, request.decay, key.device) if request else None
+        weights = None
+        if request is not None:  # one row of age 0 weighs exactly 1 (`row_weights`): no tensor needed
+            one_row = q == 1 and (request.rows is None or request.rows >= 1)
+            weights = 1.0 if one_row else row_weights(q, request.rows, request.decay, key.device)
         # padding query rows output zeros and add no mass (a switched-off head's slots are invalid
-        # too, so validity is read from the mask, not from the slots)
+        # too, so validity is read from the mask, not from the slots); while decoding, the new token
+        # makes every head live unless heads were switched off or a custom mask hides slots
+        heads_live = q == 1 and slots.heads_off is None and not custom_mask
+        # the slots' own negated validity, which eviction reads after this step too
+        invalid = slots.invalid if q == 1 and window is None and not custom_mask else None
         out, mass = grouped_attention(query, key, value, valid, scaling=scaling, softcap=softcap,
-                                      query_valid=new_valid, weights=weights, positions=slots.positions,
-                                      window=window)
+                                      query_valid=new_valid, weights=weights,
+                                      positions=slots.positions if window is not None else None,
+                                      window=window, heads_live=heads_live, slot_invalid=invalid)
         output = (out, None)
     return output, Signals(phase=phase, q=q, request=request, mass=mass, output=output[0], query=query,
                            module=module)

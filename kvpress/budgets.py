@@ -73,9 +73,8 @@ def slots_for_budget(budget, real_seen: torch.Tensor) -> torch.Tensor:
     float budget: `max(1, floor(seen * budget))` of the row's real tokens, in integer arithmetic
     (the budget as the nearest fraction with a denominator up to 10^6), so no float64 reaches the
     model's device."""
-    if isinstance(budget, float):
-        fraction = budget_fraction(budget)
-        keep = torch.clamp(real_seen * fraction.numerator // fraction.denominator, min=1)
-    else:
-        keep = torch.full_like(real_seen, budget)
-    return torch.minimum(keep, real_seen)
+    if not isinstance(budget, float):
+        return real_seen.clamp(max=budget)
+    fraction = budget_fraction(budget)
+    scaled = real_seen * fraction.numerator if fraction.numerator != 1 else real_seen
+    return torch.minimum(torch.clamp(scaled // fraction.denominator, min=1), real_seen)

@@ -33,7 +33,7 @@ import torch
 
 from kvpress.budgets import host_slots_for_budget
 from kvpress.ragged import HeadRoom
-from kvpress.selection import Selection, keep_mask, select, top_k_selection, valid_first_order
+from kvpress.selection import Selection, keep_mask, one_victim, select, top_k_selection, valid_first_order
 from kvpress.signals import DECODE, PREFILL
 from kvpress.sizing import grown_capacity, head_room, held_bound, room_after, stores_per_head
 from kvpress.state import Allocation
@@ -63,7 +63,11 @@ def after_attention(layer, phase: str) -> None:
         return
     if in_place:
         if layer.tokens_since_eviction > context.slack and host_slots_for_budget(layer.budget, layer.seen) < layer.seen:
-            layer.slots.drop(keep_mask(policy, layer))
+            victim = one_victim(policy, layer)
+            if victim is not None:
+                layer.slots.drop_one(*victim)
+            else:
+                layer.slots.drop(keep_mask(policy, layer))
             layer.tokens_since_eviction = 0
             layer.evictions += 1
             policy.compacted(layer, None)

@@ -8,7 +8,7 @@ It holds no reference to its cache: what eviction needs from the cache (policy c
 quantization, its place among the pruned layers, cross-layer state) is its `LayerContext`
 (kvpress/context.py), handed to it when it is built.
 
-What policies read of a layer: `keys`, `values`, `valid`, `positions`, `real_seen`, `seen`, counts
+What policies read of a layer: `keys`, `values`, `valid` (and its negation `invalid`), `positions`, `real_seen`, `seen`, counts
 (`num_slots`, `num_heads`, `batch`, `head_dim`, `itemsize`), `budget`, `scores`, `state(policy)`,
 `shared_state(policy)`, `context.pruned_index` / `context.pruned_count`.
 
@@ -65,6 +65,7 @@ class PrunedLayer(DynamicLayer):
     keys = property(lambda self: self.slots.keys if self.slots is not None else None, lambda self, v: None)
     values = property(lambda self: self.slots.values if self.slots is not None else None, lambda self, v: None)
     valid = property(lambda self: self.slots.valid)
+    invalid = property(lambda self: self.slots.invalid)  # ~valid, computed once while validity is unchanged
     positions = property(lambda self: self.slots.positions)
     real_seen = property(lambda self: self.slots.real_seen)
     store = property(lambda self: self.slots.quantized if self.slots is not None else None)
@@ -201,6 +202,9 @@ class PrunedLayer(DynamicLayer):
         after_attention(self, phase)
         self.slots.end_forward(self.context.storage_for(self))
         fit_quantized(self)
+        self.slots.release_views()  # views of the used slots are held during a forward only
+        for state in self.states.values():
+            state.release_views()
         return output
 
     def _check_call(self, module, kwargs) -> None:

@@ -130,7 +130,8 @@ class EvictionPolicy:
     def keep_counts(self, layer: LayerView) -> torch.Tensor:
         """Real slots each (row, head) keeps: `[B, Hkv]` long."""
         per_row = slots_for_budget(layer.budget, layer.real_seen)  # [B]
-        uniform = per_row[:, None].expand(-1, layer.num_heads)
+        # every head of a row: a stride-0 view, as `per_row[:, None].expand(-1, Hkv)` in one op
+        uniform = per_row.as_strided((per_row.shape[0], layer.num_heads), (per_row.stride(0), 0))
         return uniform if layer.allocation is None else layer.allocation.counts_now(uniform)
 
     def slot_bound(self, layer: LayerView) -> int:
@@ -156,8 +157,10 @@ class EvictionPolicy:
     def protected(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` bool: the first `sinks` and last `window` real tokens."""
         pos = layer.positions  # [B, Hkv, P], -1 for padding
-        recent = pos >= (layer.real_seen[:, None, None] - self.window)
-        return layer.valid & ((pos < self.sinks) | recent)
+        kept = pos >= (layer.real_seen.view(-1, 1, 1) - self.window)  # the recent window
+        if self.sinks:  # without sinks `pos < 0` marks padding only, which is never valid
+            kept = kept | (pos < self.sinks)
+        return layer.valid & kept
 
     def eligible(self, layer: LayerView) -> torch.Tensor:
         """`[B, Hkv, P]` bool: slots that may be kept at all (SpAtten: not evicted by a lower layer)."""
@@ -214,10 +217,14 @@ class Policy(EvictionPolicy):
         request = signals.request
         if not request.accumulate:
             state.scores = signals.mass
-        elif request.decay == 1.0:
-            state.scores = state.scores + signals.mass
+            return
+        scores = state.scores  # [B, Hkv, P], a view of the state's buffer
+        if scores.shape != signals.mass.shape:  # a new width: the sum becomes the buffer
+            state.scores = scores * request.decay ** signals.q + signals.mass
+        elif request.decay == 1.0:  # in place in the buffer: the values `scores + mass` would write
+            scores.add_(signals.mass)
         else:
-            state.scores = state.scores * request.decay ** signals.q + signals.mass
+            scores.mul_(request.decay ** signals.q).add_(signals.mass)
 
 
 @dataclass

@@ -42,12 +42,14 @@ def grouped_attention(
     scaling: float,
     softcap: float | None = None,
     query_valid: torch.Tensor | None = None,  # [B, q] bool; padding rows output zeros, add no mass
-    weights: torch.Tensor | None = None,  # [q] fp32 row weights of the mass; None: no mass
+    weights: torch.Tensor | float | None = None,  # [q] fp32 row weights of the mass (a float: every row's); None: no mass
     want_output: bool = True,
     chunk_elements: int = CHUNK_ELEMENTS,
     positions: torch.Tensor | None = None,  # [B, Hkv, S] long, with `window` or `query_positions`
     window: int | None = None,  # sliding window: a query at position p sees positions > p - window
     query_positions: torch.Tensor | None = None,  # [B, q] long: causal order by position, not by slot
+    heads_live: bool = False,  # the caller knows every KV head holds a valid slot (a host-side fact)
+    slot_invalid: torch.Tensor | None = None,  # [B, Hkv, S] bool, ~slot_valid when the caller has it
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Causal grouped-query attention with a per-slot validity mask.
 
@@ -69,9 +71,12 @@ def grouped_attention(
 
         if use_triton(query):
             return attention_signals(query, key, value, slot_valid, scaling=scaling, softcap=softcap,
-                                     query_valid=query_valid, weights=weights, want_output=want_output)
+                                     query_valid=query_valid, weights=_row_weights(weights, query),
+                                     want_output=want_output)
     if query.shape[2] == 1 and window is None and query_valid is None and query_positions is None:
-        return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output)
+        return _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output, heads_live,
+                            slot_invalid)
+    weights = _row_weights(weights, query)
     kf, vf = key.float(), value.float()
     return _chunked_attention(
         query, key.shape[2],
@@ -80,6 +85,11 @@ def grouped_attention(
         slot_valid, scaling=scaling, softcap=softcap, query_valid=query_valid, weights=weights,
         want_output=want_output, chunk_elements=chunk_elements, positions=positions, window=window,
         query_positions=query_positions)
+
+
+def _row_weights(weights, query):
+    """`[q]` row weights from a float given for every row (tensors and None pass through)."""
+    return torch.full((query.shape[2],), weights, device=query.device) if isinstance(weights, float) else weights
 
 
 def _chunked_attention(query, slots, logits_of, output_of, slot_valid, *, scaling, softcap, query_valid, weights,
@@ -211,21 +221,35 @@ def _quantized_decode(query, store, slot_valid, scaling, weights, want_output):
     return output, mass
 
 
-def _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output):
+def _decode_step(query, key, value, slot_valid, scaling, softcap, weights, want_output, heads_live=False,
+                 slot_invalid=None):
     """`grouped_attention` for one query token: the same quantities in a dozen ops (the decoding step's
-    hot path on CPU); no causal limit applies, every valid slot is older than the query."""
+    hot path on CPU); no causal limit applies, every valid slot is older than the query. The products
+    run as 3-D `bmm` over `B * Hkv` (what `matmul` reduces the 4-D product to, without its expands and
+    reshapes); a weight of exactly 1.0 and, with `heads_live`, the zeroing of heads without a valid
+    slot are identities and are skipped."""
     batch, q_heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    queries = query.float().view(batch, kv_heads, q_heads // kv_heads, dim)  # [B, Hkv, G, D]
-    logits = torch.matmul(queries, key.float().transpose(-1, -2)).mul_(scaling)  # [B, Hkv, G, S]
+    kv_heads, slots = key.shape[1], key.shape[2]
+    pairs = batch * kv_heads
+    queries = query.float().reshape(pairs, q_heads // kv_heads, dim)  # [B * Hkv, G, D]
+    logits = torch.bmm(queries, key.float().reshape(pairs, slots, dim).transpose(1, 2)).mul_(scaling)  # [B*Hkv, G, S]
     if softcap is not None:
         logits = torch.tanh(logits / softcap).mul_(softcap)
-    logits.masked_fill_(~slot_valid[:, :, None, :], torch.finfo(torch.float32).min)
+    hidden = slot_valid.logical_not() if slot_invalid is None else slot_invalid
+    logits.masked_fill_(hidden.view(pairs, 1, slots), torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
-    live = slot_valid.any(dim=-1)  # [B, Hkv]: False for a switched-off head
-    mass = probs.sum(dim=2).mul_(weights[0]).mul_(live[..., None]) if weights is not None else None
+    live = None if heads_live else slot_valid.any(dim=-1)  # [B, Hkv]: False for a switched-off head
+    mass = None
+    if weights is not None:
+        mass = probs.sum(dim=1).view(batch, kv_heads, slots)  # [B, Hkv, S]
+        if not (isinstance(weights, float) and weights == 1.0):
+            mass.mul_(weights if isinstance(weights, float) else weights[0])
+        if live is not None:
+            mass.mul_(live[..., None])
     output = None
     if want_output:
-        output = torch.matmul(probs, value.float()).mul_(live[..., None, None])  # [B, Hkv, G, Dv]
+        output = torch.bmm(probs, value.float().reshape(pairs, slots, -1))  # [B * Hkv, G, Dv]
+        if live is not None:
+            output = output.view(batch, kv_heads, -1, output.shape[-1]).mul_(live[..., None, None])
         output = output.view(batch, 1, q_heads, -1).to(query.dtype)
     return output, mass

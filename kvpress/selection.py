@@ -18,7 +18,7 @@ import torch
 def valid_first_order(valid: torch.Tensor) -> torch.Tensor:
     """Indices along the last axis that put the True entries of `valid` first, each group in its
     original (slot, temporal) order."""
-    return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    return torch.argsort(valid.to(torch.int8), dim=-1, descending=True, stable=True)
 
 
 def rank_from_order(order: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -104,6 +104,30 @@ def drops_one_at_most(policy, layer) -> bool:
     return layer.tokens_since_eviction == 1 and layer.context.follows_budget
 
 
+def _lowest_ranked(policy, layer) -> torch.Tensor:
+    """`[B, Hkv, 1]`: the slot `select` would rank last, the earliest of equal scores: unprotected
+    valid slots by score, then protected ones, invalid ones never while a valid one is left. A chain
+    whose host-side bound of protected slots is 0 (`protected_bound`) protects none: no mask to fill."""
+    big = torch.finfo(torch.float32).max
+    ranked = policy.score(layer).float().clamp(-big / 2, big / 2)  # a new tensor: filled in place
+    if policy.protected_bound(layer) > 0:
+        ranked.masked_fill_(policy.protected(layer), big / 2)
+    ranked.masked_fill_(layer.invalid, big)
+    return ranked.argmin(dim=-1, keepdim=True)
+
+
+def one_victim(policy, layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """When at most one slot per (row, head) can be over (`drops_one_at_most`) and every (row, head)
+    holds a valid slot (no heads switched off: the new token is valid): `(victim [B, Hkv, 1], stays
+    [B, Hkv, 1] bool)`, the lowest-ranked slot and whether it stays (its head is not over). Writing
+    `stays` at `victim` into the validity is the eviction, one `scatter_`; the victim is a valid slot,
+    so a head that is not over keeps its validity as it was. None otherwise (`keep_mask`)."""
+    if layer.heads_off is not None or not drops_one_at_most(policy, layer):
+        return None
+    stays = layer.valid.sum(-1, keepdim=True) <= policy.keep_counts(layer)[..., None]  # [B, Hkv, 1]
+    return _lowest_ranked(policy, layer), stays
+
+
 def keep_mask(policy, layer) -> torch.Tensor:
     """`[B, Hkv, P]` bool: the slots `select` would keep, as a mask over the slots in place. No host
     sync and no data movement: the decoding step's eviction. When at most one slot per (row, head)
@@ -111,10 +135,7 @@ def keep_mask(policy, layer) -> torch.Tensor:
     the later); otherwise every slot is ranked."""
     if drops_one_at_most(policy, layer):
         valid = layer.valid
-        big = torch.finfo(torch.float32).max
-        scores = policy.score(layer).float().clamp(-big / 2, big / 2)
-        ranked = torch.where(valid, torch.where(policy.protected(layer), big / 2, scores), big)
-        victim = ranked.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+        victim = _lowest_ranked(policy, layer)  # [B, Hkv, 1]
         over = valid.sum(-1, keepdim=True) > policy.keep_counts(layer)[..., None]
         return valid & ~torch.zeros_like(valid).scatter_(-1, victim, over)
     eligible = policy.eligible(layer)

@@ -74,8 +74,8 @@ class SlotStore:
     # ---- views ----
     keys = property(lambda self: self.storage.read_keys(self.used))
     values = property(lambda self: self.storage.read_values(self.used))
-    valid = property(lambda self: self.meta.valid[:, :, :self.used])
-    positions = property(lambda self: self.meta.positions[:, :, :self.used])
+    valid = property(lambda self: self._used_view("valid"))
+    positions = property(lambda self: self._used_view("positions"))
     capacity = property(lambda self: self.meta.capacity)
     num_slots = property(lambda self: self.used)
     head_dim = property(lambda self: self.storage.head_dim)
@@ -84,6 +84,36 @@ class SlotStore:
     batch = property(lambda self: self.meta.valid.shape[0])
     ragged = property(lambda self: self.storage.per_head, doc="The per-head layout (`RaggedStore`), or None.")
     quantized = property(lambda self: self.storage.quantized, doc="The KIVI store (`QuantizedStore`), or None.")
+
+    def _used_view(self, name: str) -> torch.Tensor:
+        """The first `used` slots of metadata buffer `name`, one view per buffer and width: a forward
+        reads validity and positions several times, one slicing op serves them all. The layer releases
+        them at the end of each forward (`release_views`): no replaced buffer outlives it."""
+        buffer, views = getattr(self.meta, name), self.__dict__.setdefault("_views", {})
+        cached = views.get(name)
+        if cached is None or cached[0] is not buffer or cached[1] != self.used:
+            cached = views[name] = (buffer, self.used, buffer[:, :, :self.used])
+        return cached[2]
+
+    @property
+    def invalid(self) -> torch.Tensor:
+        """`[B, Hkv, P]` bool, `~valid`: computed once while validity stays as it is (attention masks
+        with it, eviction ranks with it); every in-place change of validity here drops it."""
+        views = self.__dict__.setdefault("_views", {})
+        valid = self.valid
+        cached = views.get("invalid")
+        if cached is None or cached[0] is not valid:
+            cached = views["invalid"] = (valid, valid.logical_not())
+        return cached[1]
+
+    def _validity_changed(self) -> None:
+        self.__dict__.get("_views", {}).pop("invalid", None)
+
+    def release_views(self) -> None:
+        self.__dict__.pop("_views", None)
+
+    def __getstate__(self):  # copies (deepcopy, pickle) slice their own views again
+        return {key: value for key, value in self.__dict__.items() if key != "_views"}
 
     # ---- writing ----
     def reserve(self, capacity: int) -> None:
@@ -96,11 +126,19 @@ class SlotStore:
         padding), or as `layout` describes them; return the keys and values attention reads this forward."""
         q = key_states.shape[2]
         start = self.used
+        self._validity_changed()
         self._new_tokens = q
         self._real_before = self.real_seen
         self.real_seen = self.real_seen + q
         attended = self.storage.write(self.meta, start, key_states, value_states)
         self.used = start + q
+        if q == 1 and layout is None:  # a decoding step: the prepared tail holds the slot's metadata
+            if not self.meta.tail_ready:
+                self._prepare_tail(start)
+            if self.heads_off is not None:
+                self.meta.valid[:, :, start:start + 1] &= ~self.heads_off[..., None]
+            return attended
+        self.meta.tail_ready = False
         new_valid = self.meta.valid[:, :, start:start + q]
         new_valid.fill_(True)
         if self.heads_off is not None:
@@ -114,6 +152,19 @@ class SlotStore:
             offsets = torch.arange(q, device=self.real_seen.device) if q > 1 else 0
             self.meta.positions[:, :, start:start + q] = (self._real_before[:, None] + offsets)[:, None, :]
         return attended
+
+    def _prepare_tail(self, start: int) -> None:
+        """Slots `start..capacity` as one-token writes will leave them: valid, and each row's next
+        positions (every decoding step adds one real token to every row), so the steps until the
+        metadata changes otherwise (`SlotMetadata.tail_ready`) write none."""
+        meta = self.meta
+        width = meta.capacity - start
+        meta.valid[:, :, start:].fill_(True)
+        before = self._real_before.view(-1, 1, 1)  # [B, 1, 1]
+        if width > 1:
+            before = before + torch.arange(width, device=before.device)
+        meta.positions[:, :, start:].copy_(before)
+        meta.tail_ready = True
 
     def readable(self):
         """A context in which a policy may read `keys` and `values` outside a forward (quantized
@@ -129,6 +180,8 @@ class SlotStore:
         """Validity and real-token positions of the newest `q` slots from `new_valid [B, q]` (False for
         padding, read from the model's mask). A host sync: called at prefill only."""
         q = self._new_tokens
+        self._validity_changed()
+        self.meta.tail_ready = False
         offsets = torch.cumsum(new_valid.long(), dim=-1) - 1  # [B, q]
         positions = torch.where(new_valid, self._real_before[:, None] + offsets, -1)
         self.valid[..., -q:] = new_valid[:, None, :]
@@ -143,6 +196,7 @@ class SlotStore:
         """Stop storing and attending the KV heads where `heads [B, Hkv]` is True: their slots become
         invalid, later tokens are not stored in them, and their query heads output zeros."""
         self.heads_off = heads if self.heads_off is None else self.heads_off | heads
+        self._validity_changed()
         self.valid.logical_and_(~self.heads_off[..., None])
         self.exact_prefix = False
         self.live_heads = int((~self.heads_off).sum(-1).max())  # a host sync, once per layer (prefill)
@@ -152,6 +206,15 @@ class SlotStore:
         """Keep only the slots where `keep [B, Hkv, P]`; the others become holes. No data moves and no
         host sync: this is the decoding step's eviction."""
         self.valid.logical_and_(keep)
+        self._validity_changed()
+        self.exact_prefix = False
+
+    def drop_one(self, victim: torch.Tensor, stays: torch.Tensor) -> None:
+        """Drop the slot `victim [B, Hkv, 1]` of every (row, head) where `stays [B, Hkv, 1]` is False;
+        `victim` must be a valid slot (a head that is not over writes True where True was). One
+        `scatter_`, no host sync: the decoding step's eviction when one slot per head is over."""
+        self.valid.scatter_(-1, victim, stays)
+        self._validity_changed()
         self.exact_prefix = False
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None = None,
@@ -165,6 +228,7 @@ class SlotStore:
         ones (`QuantizedStore.keep`). `scores [B, Hkv, P]`, the policy's running score, is gathered in
         the same launch and returned."""
         positions = self.positions
+        self._validity_changed()
         if self.storage.quantized is None and (per_head is not None or self.storage.per_head is not None):
             kept_scores = self._lay_out(index, valid, positions, scores, capacity, per_head)
         else:  # dense or quantized storage keeps its own layout
@@ -194,6 +258,7 @@ class SlotStore:
 
     def map_tensors(self, fn) -> None:
         """A batch operation or device move on every per-row tensor."""
+        self.__dict__.pop("_views", None)
         self.storage.map_tensors(fn)
         self.meta.map_tensors(fn)
         self.real_seen = fn(self.real_seen)

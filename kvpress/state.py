@@ -39,26 +39,53 @@ class State:
 
     # ---- slot-aligned buffers ----
     def _slot_view(self, name: str) -> torch.Tensor:
-        return self.__dict__["_buffer_" + name][:, :, :self.__dict__.get("used", 0)]
+        """The first `used` slots of buffer `name`, one view per width (a forward reads a field several
+        times: one slicing op serves them all); `_set_buffer` drops it with the buffer it views."""
+        used = self.__dict__.get("used", 0)
+        views = self.__dict__.setdefault("_views", {})
+        cached = views.get(name)
+        if cached is None or cached[0] != used:
+            cached = views[name] = (used, self.__dict__["_buffer_" + name][:, :, :used])
+        return cached[1]
+
+    def release_views(self) -> None:
+        """Drop the cached views (the layer calls it at the end of each forward)."""
+        self.__dict__.pop("_views", None)
+
+    def _set_buffer(self, name: str, buffer: torch.Tensor) -> None:
+        self.__dict__["_buffer_" + name] = buffer
+        self.__dict__.get("_views", {}).pop(name, None)
+        self.__dict__.get("_zero_tails", set()).discard(name)
+
+    def __getstate__(self):  # copies (deepcopy, pickle) slice their own views again
+        return {key: value for key, value in self.__dict__.items() if key != "_views"}
 
     def _slot_write(self, name: str, value: torch.Tensor) -> None:
         buffer = self.__dict__.get("_buffer_" + name)
         used = self.__dict__.get("used")
         if buffer is not None and used == value.shape[2] and buffer.shape[:2] == value.shape[:2]:
-            buffer[:, :, :used].copy_(value)
+            self._slot_view(name).copy_(value)
         else:  # a new width (first assignment, compaction): the value becomes the buffer
-            self.__dict__["_buffer_" + name] = value
+            self._set_buffer(name, value)
             self.__dict__["used"] = value.shape[2]
 
     def append_slots(self, count: int, capacity: int) -> None:
+        """`count` zero slots after the used ones. The slots after them are zeroed once and known to
+        stay zero (`_zero_tails`) until the buffer is replaced or compacted into, so a decoding step
+        writes nothing here."""
         used = self.__dict__.get("used", 0)
+        zero_tails = self.__dict__.setdefault("_zero_tails", set())
         for name in self.slot_fields:
             buffer = self.__dict__["_buffer_" + name]
             if buffer.shape[2] < capacity:
                 grown = buffer.new_zeros(*buffer.shape[:2], capacity, *buffer.shape[3:])
                 grown[:, :, :used] = buffer[:, :, :used]
-                buffer = self.__dict__["_buffer_" + name] = grown
-            buffer[:, :, used:used + count] = 0
+                self._set_buffer(name, grown)
+                zero_tails.add(name)  # new_zeros: every slot after `used` is zero
+                buffer = grown
+            if name not in zero_tails:
+                buffer[:, :, used:].fill_(0)
+                zero_tails.add(name)
         self.__dict__["used"] = used + count
 
     def gather_slots(self, index: torch.Tensor) -> None:
@@ -74,14 +101,14 @@ class State:
         width = kept.shape[2]
         if buffer.shape[2] >= width:
             buffer[:, :, :width] = kept
+            self.__dict__.get("_zero_tails", set()).discard(name)  # old slots now lie after `width`
         else:
-            self.__dict__["_buffer_" + name] = kept
+            self._set_buffer(name, kept)
         self.__dict__["used"] = width
 
     def map_tensors(self, fn) -> None:
         for name in self.slot_fields:
-            key = "_buffer_" + name
-            self.__dict__[key] = fn(self.__dict__[key])
+            self._set_buffer(name, fn(self.__dict__["_buffer_" + name]))
         for name in self.row_fields:
             tensor = getattr(self, name)
             if tensor is not None:

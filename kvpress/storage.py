@@ -32,10 +32,30 @@ def grow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
 
 class SlotMetadata:
     """Validity `[B, Hkv, capacity]` bool and positions `[B, Hkv, capacity]` long (index of the token
-    among its row's real tokens, -1 for padding) of a layer's slots; the first `used` are in use."""
+    among its row's real tokens, -1 for padding) of a layer's slots; the first `used` are in use.
+
+    `tail_ready`: the slots after the used ones already hold what one-token writes will give them
+    (valid, the row's next positions; `SlotStore.append`), so a decoding step writes no metadata.
+    Replacing a buffer or writing the slots in place (`keep`) clears it."""
 
     def __init__(self, valid: torch.Tensor, positions: torch.Tensor):
         self.valid, self.positions = valid, positions
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._valid
+
+    @valid.setter
+    def valid(self, value: torch.Tensor) -> None:
+        self._valid, self.tail_ready = value, False
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: torch.Tensor) -> None:
+        self._positions, self.tail_ready = value, False
 
     @property
     def capacity(self) -> int:
@@ -59,6 +79,7 @@ class SlotMetadata:
         if capacity is None:
             self.positions[:, :, :width] = positions
             self.valid[:, :, :width] = valid
+            self.tail_ready = False
         else:
             self.positions = grow(positions, width, max(capacity, width))
             self.valid = grow(valid, width, max(capacity, width))

@@ -29,6 +29,9 @@ class LayerView(Protocol):
     def valid(self) -> torch.Tensor: ...  # [B, Hkv, P] bool
 
     @property
+    def invalid(self) -> torch.Tensor: ...  # [B, Hkv, P] bool, ~valid (computed once while validity is unchanged)
+
+    @property
     def positions(self) -> torch.Tensor: ...  # [B, Hkv, P] long, index among the row's real tokens
 
     @property

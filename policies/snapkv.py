@@ -59,19 +59,22 @@ def pool_slots(scores: torch.Tensor, kernel: int, pooling: str, valid: torch.Ten
     if valid is None:
         return _pool(scores, kernel, pooling)
     order = valid_first_order(valid)
-    packed_valid = valid.gather(-1, order)
-    packed = scores.gather(-1, order)
-    packed = packed.masked_fill(~packed_valid, 0.0 if pooling == "avg" else torch.finfo(scores.dtype).min)
-    pooled = _pool(packed, kernel, pooling)
-    if pooling == "avg":  # average over the valid neighbours only
+    if pooling == "max":  # holes filled before the gather: the packed validity is not needed
+        packed = scores.masked_fill(valid.logical_not(), torch.finfo(scores.dtype).min).gather(-1, order)
+        pooled = _pool(packed, kernel, pooling)
+    else:  # average over the valid neighbours only
+        packed_valid = valid.gather(-1, order)
+        packed = scores.gather(-1, order).masked_fill(~packed_valid, 0.0)
+        pooled = _pool(packed, kernel, pooling)
         pooled = pooled / _pool(packed_valid.to(scores.dtype), kernel, "avg").clamp_min(torch.finfo(scores.dtype).tiny)
     return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
 
 def _pool(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    if pooling == "max":
-        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    else:
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    return pooled.reshape(scores.shape)
+    """Pool `[B, H, S]` along S: the 2-D pool over an unbatched `(C=B, H, W=S)` input with a `(1, kernel)`
+    window is the 1-D pool of every (row, head), one op, no reshapes."""
+    pool = F.max_pool2d if pooling == "max" else F.avg_pool2d
+    if scores.dim() == 3:
+        return pool(scores, (1, kernel), stride=1, padding=(0, kernel // 2))
+    return pool(scores.reshape(-1, 1, scores.shape[-1]), (1, kernel), stride=1,
+                padding=(0, kernel // 2)).reshape(scores.shape)
