@@ -124,8 +124,8 @@ def verdict(results) -> list[str]:
 
     evict = mean_of("eviction only: snapkv")
     lines = ["", "## Does the paper's finding hold here?", "",
-             f"- Eviction only (SnapKV, full precision) at the memory budget: mean {evict:.3f}, retrieval "
-             f"{retrieval('eviction only: snapkv'):.2f}/2."]
+             (f"- Eviction only (SnapKV, full precision) at the memory budget: mean {evict:.3f}, retrieval "
+             f"{retrieval('eviction only: snapkv'):.2f}/2.")]
     wins = []
     for bits in (8, 4, 2):
         name = f"quantized pruning {bits}-bit"
@@ -135,14 +135,14 @@ def verdict(results) -> list[str]:
                      f"{results[name]['memory']:.3f}: {'beats' if better else 'does not beat'} eviction only.")
     best = max((8, 4, 2), key=lambda b: mean_of(f"quantized pruning {b}-bit"))
     lines += [
-        f"- Claim 1, more tokens at lower precision beat fewer tokens at full precision at equal memory: "
+        (f"- Claim 1, more tokens at lower precision beat fewer tokens at full precision at equal memory: "
         f"**{'holds' if wins[0] and wins[1] else 'does not hold'}** at 8 and 4 bits; 2 bits "
-        f"{'also wins' if wins[2] else 'loses (the paper: 2 bits collapses)'}.",
-        f"- Claim 2, 4 bits is the best trade-off: **{'holds' if best == 4 else 'does not hold'}** here "
-        f"(best: {best} bits).",
-        "- Caveats: 3 prompts per retrieval task (one prompt = 0.33), one agreement prompt; fp32 scales and "
+        f"{'also wins' if wins[2] else 'loses (the paper: 2 bits collapses)'}."),
+        (f"- Claim 2, 4 bits is the best trade-off: **{'holds' if best == 4 else 'does not hold'}** here "
+        f"(best: {best} bits)."),
+        ("- Caveats: 3 prompts per retrieval task (one prompt = 0.33), one agreement prompt; fp32 scales and "
         "zero points and the fp32 tail make low bit widths buy fewer extra tokens than the ideal 32/b "
-        "(docs/quantization.md).",
+        "(docs/quantization.md)."),
     ]
     return lines
 
@@ -176,12 +176,12 @@ def main() -> None:
         + (f" --methods \"{args.methods}\"" if args.methods else "") + "` "
         f"({time.time() - started:.0f} s on this machine).",
         "",
-        f"Memory budget: {MEMORY_SHARE:.0%} of each prompt's fp32 keys/values (~400-token prompts). `memory` = "
+        (f"Memory budget: {MEMORY_SHARE:.0%} of each prompt's fp32 keys/values (~400-token prompts). `memory` = "
         "measured key/value bytes held at the end of each run / fp32 bytes of the prompt (mean over the 7 "
         "prompts); `slots` = mean tokens held per KV head in layer 0 at the end. Passkey and fact: share of 3 "
         "prompts answered (12 greedy tokens); agreement: next-token agreement with the full cache, 48 "
         "teacher-forced steps. Quantized pruning: SnapKV scores (window 32, kernel 7, max pooling), "
-        "KIVI group 32, residual 0.",
+        "KIVI group 32, residual 0."),
         "",
         "| method | memory | slots | passkey | fact | agreement | mean | s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

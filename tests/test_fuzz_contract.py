@@ -40,8 +40,8 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 
 WRAPPERS = sorted(name for name, cls in REGISTRY.items() if issubclass(cls, Wrapper))
 LEAVES = sorted(name for name, cls in REGISTRY.items() if not issubclass(cls, Wrapper))
-DECODING = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, top_k=20),
-            "beam": dict(do_sample=False, num_beams=2)}
+DECODING = {"greedy": {"do_sample": False}, "sampling": {"do_sample": True, "top_k": 20},
+            "beam": {"do_sample": False, "num_beams": 2}}
 MODELS = {}
 
 
@@ -78,11 +78,11 @@ def cases(draw):
     wrapper = draw(st.one_of(st.none(), st.sampled_from(WRAPPERS)))
     inner = draw(st.sampled_from(LEAVES))
     budget = draw(st.one_of(st.integers(min_value=6, max_value=16), st.sampled_from([0.3, 0.5])))
-    return dict(family=family, attn=attn, wrapper=wrapper, inner=inner, budget=budget,
-                slack=draw(st.sampled_from([0, 3])), padded=draw(st.booleans()),
-                decoding=draw(st.sampled_from(sorted(DECODING))),
-                quantized=draw(st.sampled_from([None, 4, 8])), chunked=draw(st.booleans()),
-                seed=draw(st.integers(min_value=0, max_value=1000)))
+    return {"family": family, "attn": attn, "wrapper": wrapper, "inner": inner, "budget": budget,
+                "slack": draw(st.sampled_from([0, 3])), "padded": draw(st.booleans()),
+                "decoding": draw(st.sampled_from(sorted(DECODING))),
+                "quantized": draw(st.sampled_from([None, 4, 8])), "chunked": draw(st.booleans()),
+                "seed": draw(st.integers(min_value=0, max_value=1000))}
 
 
 def run(model, ids, mask, make_cache, case):

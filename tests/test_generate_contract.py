@@ -145,9 +145,8 @@ def test_alibi_falcon_is_refused_with_the_reason(attn):
 def test_unsupported_attention_implementation_is_named():
     model = tiny_model("llama", "sdpa")
     model.config._attn_implementation = "flex_attention"
-    with pytest.raises(NotImplementedError, match="flex_attention.*sdpa, eager, flash_attention_2"):
-        with torch.no_grad():
-            model(random_ids(1, 8), cache=PrunedCache(H2O(budget=4, window=1)))
+    with pytest.raises(NotImplementedError, match="flex_attention.*sdpa, eager, flash_attention_2"), torch.no_grad():
+        model(random_ids(1, 8), cache=PrunedCache(H2O(budget=4, window=1)))
 
 
 @pytest.mark.parametrize("make,message", [

@@ -31,6 +31,6 @@ def test_sliding_window_on_a_pruned_layer_is_refused():
     model = tiny_model("mistral", "eager", sliding_window=8)
     cache = PrunedCache(H2O(budget=12, window=2))
     cache.types_known = True  # as if the cache had been told every layer is full attention
-    with pytest.raises(NotImplementedError, match="sliding-window attention.*config=model.config"):
-        with torch.no_grad():
-            model(random_ids(1, 20), cache=cache)
+    with pytest.raises(NotImplementedError, match="sliding-window attention.*config=model.config"), \
+            torch.no_grad():
+        model(random_ids(1, 20), cache=cache)

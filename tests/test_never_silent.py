@@ -11,9 +11,9 @@ from kvpress import PrunedCache
 from kvpress.policies import A2SF, H2O, AdaKV, Knorm, PyramidKV, QuantizedPruning, SnapKV, SpAtten
 
 SLIDING = {  # every layer slides: the window is one more eviction rule of a pruned layer
-    "mistral": dict(sliding_window=16),
-    "qwen2": dict(use_sliding_window=True, sliding_window=16, max_window_layers=0),
-    "phi3": dict(sliding_window=16),
+    "mistral": {"sliding_window": 16},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0},
+    "phi3": {"sliding_window": 16},
 }
 
 
@@ -40,7 +40,7 @@ def test_every_layer_sliding_is_pruned_and_holds_its_budget_at_every_step(family
 def test_a_budget_at_least_the_window_equals_transformers_sliding_layers(family):
     model = tiny_model(family, "sdpa", **SLIDING[family])
     ids = random_ids(1, 30, seed=3)
-    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    settings = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
     reference = model.generate(ids, cache=DynamicCache(config=model.config), **settings)
     for policy in (None, Knorm(budget=20), H2O(budget=24, window=2)):
         cache = PrunedCache(policy)

@@ -13,9 +13,9 @@ from kvpress import PrunedCache, attention_path
 from kvpress.policies import H2O, RandomPolicy, SnapKV
 
 DECODING = {
-    "greedy": dict(do_sample=False),
-    "sampling": dict(do_sample=True, top_k=20, temperature=1.0),
-    "beam": dict(do_sample=False, num_beams=3),
+    "greedy": {"do_sample": False},
+    "sampling": {"do_sample": True, "top_k": 20, "temperature": 1.0},
+    "beam": {"do_sample": False, "num_beams": 3},
 }
 
 

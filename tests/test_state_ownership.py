@@ -80,7 +80,7 @@ def test_one_policy_object_serves_two_caches_in_alternation(model, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_beam_search_runs_and_equals_dynamic_cache_when_nothing_is_evicted(model, name):
     ids = random_ids(1, 24, seed=8)
-    settings = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    settings = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
     reference = model.generate(ids, cache=DynamicCache(config=model.config), **settings)
     out = generate(model, ids, PrunedCache(make_policy(name, 1.0, never_evicts=True)), **settings)
     assert torch.equal(out, reference)

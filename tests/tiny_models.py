@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import transformers
 
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
