@@ -124,6 +124,11 @@ def one_victim(policy, layer) -> tuple[torch.Tensor, torch.Tensor] | None:
     so a head that is not over keeps its validity as it was. None otherwise (`keep_mask`)."""
     if layer.heads_off is not None or not drops_one_at_most(policy, layer):
         return None
+    return _victim_and_stays(policy, layer)
+
+
+def _victim_and_stays(policy, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest-ranked slot `[B, Hkv, 1]` and whether it stays (its (row, head) is not over)."""
     stays = layer.valid.sum(-1, keepdim=True) <= policy.keep_counts(layer)[..., None]  # [B, Hkv, 1]
     return _lowest_ranked(policy, layer), stays
 
@@ -133,11 +138,10 @@ def keep_mask(policy, layer) -> torch.Tensor:
     sync and no data movement: the decoding step's eviction. When at most one slot per (row, head)
     can be over, the lowest-ranked one goes (`argmin`: the earliest of equal scores, as `select` keeps
     the later); otherwise every slot is ranked."""
-    if drops_one_at_most(policy, layer):
+    if drops_one_at_most(policy, layer):  # switched-off heads (else `one_victim` writes in place)
+        victim, stays = _victim_and_stays(policy, layer)
         valid = layer.valid
-        victim = _lowest_ranked(policy, layer)  # [B, Hkv, 1]
-        over = valid.sum(-1, keepdim=True) > policy.keep_counts(layer)[..., None]
-        return valid & ~torch.zeros_like(valid).scatter_(-1, victim, over)
+        return valid & ~torch.zeros_like(valid).scatter_(-1, victim, ~stays)
     eligible = policy.eligible(layer)
     ranked = rank_for_selection(policy.score(layer).float(), eligible, policy.protected(layer) & eligible)
     order = torch.argsort(ranked.flip(-1), dim=-1, descending=True, stable=True)
